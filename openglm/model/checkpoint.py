@@ -1,0 +1,175 @@
+"""Checkpoints in the Hugging Face layout: ``config.json``, ``model.safetensors`` (or shards with an
+index), ``tokenizer.json``, ``generation_config.json``.
+
+Parameter names are those of ``transformers``' GLM classes, so no renaming happens here; other
+layouts (ChatGLM) are converted by ``openglm.model.convert``. Loading builds the model on the meta
+device and assigns the tensors read from safetensors, so weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import Config
+from ..errors import OpenGLMError
+from ..paths import resolve_checkpoint
+from ..utils import fsync_dir
+from .glm import GLMForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def checkpoint_dir(path_or_name: str | Path) -> Path:
+    """The checkpoint directory for a path (directory or a file in it) or a bundled name."""
+    path = resolve_checkpoint(path_or_name)
+    return path.parent if path.is_file() else path
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise OpenGLMError(f"{index} is not a safetensors index: {e}") from None
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise OpenGLMError(
+            f"{directory} holds pickled weights (.bin/.pt); openglm reads only safetensors, which cannot "
+            "run code. Convert them with `transformers` (save_pretrained(..., safe_serialization=True))."
+        )
+    raise OpenGLMError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of ``files`` (memory-mapped reads) and the first file's metadata."""
+    state, metadata = {}, {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                metadata = metadata or (sf.metadata() or {})
+                for name in sf.keys():
+                    t = sf.get_tensor(name)
+                    state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except (OSError, RuntimeError) as e:  # safetensors raises on truncated or foreign files
+            raise OpenGLMError(f"cannot read {f}: {e}") from None
+    return state, metadata
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise a readable error if ``state`` does not fit ``model`` (names or shapes)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(expected[k])}"
+             for k in expected if k in state and state[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+    if problems:
+        raise OpenGLMError(f"weights in {source} do not match its config.json: " + "; ".join(problems))
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a checkpoint directory, or a checkpoint bundled with openglm by name (e.g. ``"glm-tiny"``).
+
+    Returns a ``GLMForCausalLM`` in eval mode whose call ``model(input_ids)`` gives logits
+    ``[batch, seq, vocab]``. ``dtype`` casts floating-point weights (default: as stored).
+    """
+    directory = checkpoint_dir(path_or_name)
+    config = Config.from_file(directory)
+    state, _ = read_safetensors(weight_files(directory), dtype)
+    with torch.device("meta"):
+        model = GLMForCausalLM(config)
+    check_state_dict(model, state, directory)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    return shards + [current]
+
+
+def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, generation_config: dict | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> Path:
+    """Save ``model`` (and optionally its tokenizer) as a Hugging Face checkpoint directory.
+
+    The directory is written beside the target and swapped in by rename, so an interrupted save
+    leaves the previous checkpoint intact.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    meta = {"format": "pt", **(metadata or {})}
+
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        shards = _shards(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        config.save(tmp)
+        gen = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id, **(generation_config or {})}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` by ``tmp``; the old one is removed only once the new one is in place."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

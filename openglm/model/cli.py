@@ -1,0 +1,72 @@
+"""``openglm info`` and ``openglm convert``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+def _describe(source: str):
+    """(config, checkpoint directory or None) for a checkpoint path, a bundled name or a config name."""
+    from ..config import CONFIGS, Config
+    from ..errors import OpenGLMError
+    from .checkpoint import checkpoint_dir
+
+    try:
+        directory = checkpoint_dir(source)
+    except OpenGLMError:
+        if source in CONFIGS:
+            return Config.from_name(source), None
+        raise OpenGLMError(f"{source!r} is neither a checkpoint (path or bundled name) nor a config name "
+                           f"(known configs: {', '.join(sorted(CONFIGS))})") from None
+    return Config.from_file(directory), directory
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import weight_files
+
+    config, directory = _describe(args.model)
+    n = config.num_parameters
+    embed = config.vocab_size * config.hidden_size
+    rows = [("name", config.name), ("model type", config.model_type + (" (2D positions)" if config.position_encoding_2d else "")),
+            ("parameters", f"{n:,} ({n / 1e6:.1f}M; {n - embed * (1 if config.tie_word_embeddings else 2):,} outside embeddings)")]
+    for dtype, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
+        rows.append((f"weights {dtype}", f"{n * nbytes / 2**20:,.1f} MiB"))
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+    rows.append(("KV cache bf16", f"{kv / 1024:,.1f} KiB per token"))
+    if directory is not None:
+        files = weight_files(directory)
+        rows.append(("checkpoint", f"{directory} ({sum(f.stat().st_size for f in files) / 2**20:,.1f} MiB in {len(files)} file(s))"))
+        rows.append(("tokenizer", "yes" if (directory / "tokenizer.json").is_file() else "none"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("config:")
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from ..errors import OpenGLMError
+
+    if args.to == "hf":
+        from .convert import convert_chatglm
+
+        out = convert_chatglm(args.source, args.output)
+        print(f"wrote {out}")
+        return 0
+    raise OpenGLMError(f"unknown target format {args.to!r}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="parameters, memory and config of a checkpoint or config name",
+                       description="Show parameters, memory and config of MODEL: a checkpoint directory, a bundled name or a config name.")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to another layout",
+                       description="Convert SOURCE (a ChatGLM2/3 safetensors checkpoint) into the Hugging Face glm layout openglm uses.")
+    p.add_argument("source", help="checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--to", default="hf", choices=["hf"], help="target layout")
+    p.set_defaults(func=cmd_convert)

@@ -1,0 +1,43 @@
+"""A preallocated key/value cache: written in place, never grown, never saved."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of every layer, ``[layers, B, K, max_length, D]``, filled up to ``length``.
+
+    The buffers are non-persistent, so a cache never reaches a checkpoint. ``length`` is the
+    number of positions written so far; the model advances it after each forward.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v [B, K, T, D]`` at ``length`` and return the filled keys/values ``[B, K, length+T, D]``."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (e.g. after some sequences finished)."""
+        self.k = self.k[:, rows].contiguous()
+        self.v = self.v[:, rows].contiguous()
