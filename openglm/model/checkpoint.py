@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import Config
@@ -64,7 +64,7 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> tup
                 for name in sf.keys():
                     t = sf.get_tensor(name)
                     state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except (OSError, RuntimeError) as e:  # safetensors raises on truncated or foreign files
+        except (OSError, SafetensorError) as e:  # truncated or foreign files
             raise OpenGLMError(f"cannot read {f}: {e}") from None
     return state, metadata
 

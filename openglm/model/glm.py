@@ -146,6 +146,8 @@ class GLMForCausalLM(nn.Module):
         """A freshly initialised model, built on the meta device then materialised once."""
         with torch.device("meta"):
             model = cls(config)
+        if torch.device(device).type == "meta":  # shapes only, e.g. for counting or sharding plans
+            return model
         model.to_empty(device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
