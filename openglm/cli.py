@@ -16,7 +16,9 @@ from .errors import OpenGLMError
 VERB_MODULES = [
     "openglm.infer.cli",
     "openglm.data.tokenizer_cli",
+    "openglm.data.prepare",
     "openglm.model.cli",
+    "openglm.train.cli",
 ]
 
 

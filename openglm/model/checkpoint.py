@@ -137,6 +137,7 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
 
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700
         shards = _shards(state, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=meta)
