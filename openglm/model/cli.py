@@ -14,6 +14,8 @@ def _describe(source: str):
 
     try:
         directory = checkpoint_dir(source)
+        if not (directory / "config.json").is_file() and source in CONFIGS:
+            raise OpenGLMError("a bundled directory without weights yet")
     except OpenGLMError:
         if source in CONFIGS:
             return Config.from_name(source), None

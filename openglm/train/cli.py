@@ -1,0 +1,70 @@
+"""``openglm pretrain``: train a GLM from a named config on prepared token shards."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Pretrain a GLM from a named config (e.g. glm-tiny) on token shards written by `openglm data prepare`,
+with GLM's blank-infilling objective. Writes RUN_DIR/metrics.jsonl, RUN_DIR/checkpoint/ (continue
+with --resume; Ctrl-C saves one and stops) and RUN_DIR/model/ (Hugging Face layout, loadable with
+openglm.load_model). Under torchrun the same command trains data-parallel (--parallel ddp|fsdp);
+--batch-size is then the global number of rows per micro-batch."""
+
+
+def register(subparsers) -> None:
+    from .settings import PretrainSettings
+
+    d = PretrainSettings(config="", data="", out="")
+    p = subparsers.add_parser("pretrain", help="pretrain a GLM on prepared token shards", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def option(flag, help, **kwargs):
+        """A flag whose default is the ``PretrainSettings`` field of the same name."""
+        field = flag.lstrip("-").replace("-", "_")
+        p.add_argument(flag, default=getattr(d, field), help=f"{help} (default %(default)s)", **kwargs)
+
+    p.add_argument("--config", required=True, help="config name (see `openglm info`), e.g. glm-tiny")
+    p.add_argument("--data", required=True, metavar="DIR", help="directory from `openglm data prepare` (train/, val/)")
+    p.add_argument("--tokenizer", metavar="PATH_OR_NAME",
+                   help="tokenizer the data was made with (default: the one stored with the data)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
+    option("--steps", "optimizer steps in all", type=int)
+    option("--batch-size", "rows per micro-batch, over all processes", type=int)
+    option("--seq-len", "tokens per row", type=int)
+    option("--grad-accum", "micro-batches per optimizer step", type=int)
+    option("--lr", "peak learning rate", type=float)
+    p.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
+    option("--warmup", "linear warmup steps", type=int)
+    option("--weight-decay", "AdamW decay of matrices and embeddings", type=float)
+    option("--clip", "gradient norm clip, 0 for none", type=float)
+    option("--objective", "weights of GLM's token, sentence and document blanks and of plain causal LM")
+    option("--mask-ratio", "share of tokens blanked by token and sentence spans", type=float)
+    p.add_argument("--no-eos", dest="append_eos", action="store_false", help="do not end documents with <|endoftext|>")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay fp32)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in backward")
+    option("--emb-shrink", "GLM-130B embedding gradient shrink, 0.1 there; 1 is off", type=float, metavar="ALPHA")
+    option("--eval-every", "steps between validation losses", type=int)
+    option("--eval-batches", "validation batches, the same every time", type=int)
+    option("--save-every", "steps between checkpoints", type=int)
+    p.add_argument("--keep-previous", action="store_true", help="keep the one before the last as checkpoint.prev")
+    option("--log-every", "steps between metrics lines", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="save and exit after N steps of this invocation (e.g. to fit a job time limit)")
+    option("--seed", "seed of weights, data order and masking", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    option("--parallel", "data parallelism under torchrun", choices=["ddp", "fsdp"])
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .loop import pretrain
+    from .settings import PretrainSettings
+
+    fields = set(PretrainSettings.__dataclass_fields__) - {"out"}
+    settings = PretrainSettings(out=args.output, **{k: v for k, v in vars(args).items() if k in fields})
+    result = pretrain(settings)
+    return 130 if result.interrupted else 0

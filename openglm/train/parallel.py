@@ -1,0 +1,122 @@
+"""Data parallelism and activation checkpointing, applied from outside the model.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) ``init_distributed`` starts the process group (gloo on CPU,
+nccl on CUDA) and ``parallelize`` wraps the training module in DDP, or shards it with FSDP2
+(``fully_shard`` on each decoder layer, then on the root). The model file never knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..errors import OpenGLMError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits: ``rank`` of ``world_size``, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Read torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` and start the process group when > 1 process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The GLM decoder layers inside ``module``, in order."""
+    from ..model.glm import DecoderLayer
+
+    return [m for m in module.modules() if isinstance(m, DecoderLayer)]
+
+
+def parallelize(module: nn.Module, mode: str, world: Distributed) -> nn.Module:
+    """``module`` wrapped for data parallelism over ``world`` (unchanged for a single process).
+
+    mode: ``"ddp"`` (a full replica per rank, gradients all-reduced) or ``"fsdp"`` (FSDP2:
+    parameters, gradients and optimizer state sharded per decoder layer).
+    """
+    if mode not in PARALLEL_MODES:
+        raise OpenGLMError(f"unknown parallel mode {mode!r}; choose from {', '.join(PARALLEL_MODES)}")
+    if world.world_size == 1:
+        return module
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    for layer in decoder_layers(module):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def gradient_sync(module: nn.Module, enabled: bool):
+    """A context in which backward does (or, for all but the last micro-batch, does not) sync gradients."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def apply_activation_checkpointing(module: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them.
+
+    The layer's ``forward`` is replaced on the instance, so parameter names (and checkpoints) are
+    unchanged.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(module):
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def all_reduce_sum(values: list[float], world: Distributed) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (the values themselves for one process)."""
+    if world.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return t.tolist()
