@@ -19,6 +19,7 @@ VERB_MODULES = [
     "openglm.data.prepare",
     "openglm.model.cli",
     "openglm.train.cli",
+    "openglm.eval.cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (per token and bits per character) and zero-shot multiple choice."""
