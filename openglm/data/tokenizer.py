@@ -8,9 +8,7 @@ a user typing ``<|assistant|>`` must not be able to forge a turn (injection guar
 
 from __future__ import annotations
 
-import gzip
 import json
-import lzma
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
@@ -176,9 +174,11 @@ def train_tokenizer(
 def read_texts(paths: Iterable[str | Path], max_chars: int | None = None, progress: bool = False) -> Iterator[str]:
     """Stream the texts of ``.txt`` files (one text a line) and ``.jsonl`` files (a ``"text"`` field a line).
 
-    Either may be ``.gz`` or ``.xz`` compressed. Stops after ``max_chars`` characters in all.
-    With ``progress``, a bar counts the bytes read from disk.
+    Either may be ``.gz`` or ``.xz`` compressed (read as ``openglm data prepare`` reads them). Stops
+    after ``max_chars`` characters in all. With ``progress``, a bar counts the bytes read from disk.
     """
+    from .prepare import read_documents
+
     paths = [Path(p) for p in paths]
     for p in paths:
         if not p.is_file():
@@ -191,7 +191,7 @@ def read_texts(paths: Iterable[str | Path], max_chars: int | None = None, progre
     left = max_chars
     try:
         for p in paths:
-            for text in _read_file(p, bar):
+            for text, _ in read_documents(p, bar=bar):
                 if left is not None:
                     if left <= 0:
                         return
@@ -201,39 +201,3 @@ def read_texts(paths: Iterable[str | Path], max_chars: int | None = None, progre
     finally:
         if bar is not None:
             bar.close()
-
-
-def _read_file(path: Path, bar) -> Iterator[str]:
-    """The texts of one file; advances ``bar`` (if any) by the bytes read from disk."""
-    suffixes = path.suffixes
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(suffixes[-1] if suffixes else "")
-    is_jsonl = (suffixes[-2] if opener and len(suffixes) > 1 else path.suffix) in (".jsonl", ".json")
-    with open(path, "rb") as raw:
-        stream = opener(raw) if opener else raw
-        lineno = done = 0
-        try:
-            for lineno, line in enumerate(stream, 1):
-                if bar is not None:
-                    bar.update(raw.tell() - done)
-                    done = raw.tell()
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise OpenGLMError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from e
-                if not is_jsonl:
-                    yield text
-                elif text.strip():
-                    yield _jsonl_text(text, path, lineno)
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise OpenGLMError(f"{path}: cannot read after line {lineno}: {e}") from e
-
-
-def _jsonl_text(line: str, path: Path, lineno: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise OpenGLMError(f"{path}:{lineno}: not JSON ({e.msg})") from e
-    text = record.get("text") if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        raise OpenGLMError(f"{path}:{lineno}: no string \"text\" field")
-    return text

@@ -212,7 +212,7 @@ def test_read_texts_formats(tmp_path):
     (tmp_path / "b.jsonl").write_text(jsonl, encoding="utf-8")
     (tmp_path / "c.txt.gz").write_bytes(gzip.compress("".join(lines).encode()))
     (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(jsonl.encode()))
-    assert list(read_texts([tmp_path / "a.txt", tmp_path / "c.txt.gz"])) == lines * 2
+    assert list(read_texts([tmp_path / "a.txt", tmp_path / "c.txt.gz"])) == ["第一行", "second line"] * 2
     assert list(read_texts([tmp_path / "b.jsonl", tmp_path / "d.jsonl.xz"])) == ["一\n二", "three"] * 2
     assert list(read_texts([tmp_path / "d.jsonl.xz", tmp_path / "a.txt"], max_chars=5)) == ["一\n二", "th"]
 
@@ -228,8 +228,8 @@ def test_read_texts_progress_counts_bytes_of_all_files(tmp_path, capsys):
 @pytest.mark.parametrize(
     "name, data, message",
     [
-        ("bad.txt", b"fine\nbad \xff byte\n", r"bad.txt:2: not UTF-8"),
-        ("bad.jsonl", b'{"text": "a"}\n{"text": \n', r"bad.jsonl:2: not JSON"),
+        ("bad.txt", b"fine\nbad \xff byte\n", r"bad.txt:2: invalid UTF-8"),
+        ("bad.jsonl", b'{"text": "a"}\n{"text": \n', r"bad.jsonl:2: invalid JSON"),
         ("bad.jsonl.gz", gzip.compress(b'{"text": "a"}\n{"txt": "b"}\n'), r"bad.jsonl.gz:2: no string \"text\""),
         ("bad.txt.xz", b"not xz at all", r"bad.txt.xz: cannot read"),
     ],
@@ -276,5 +276,5 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "no input file" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(argv + [str(tmp_path / "empty.jsonl")]) == 1
-    assert "no text" in capsys.readouterr().err
+    assert "empty.jsonl: no documents" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
