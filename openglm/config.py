@@ -141,7 +141,8 @@ class Config:
             bos_token_id=hf.get("bos_token_id"),
         )
 
-    def to_hf_dict(self) -> dict:
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict:
+        """``config.json``; ``torch_dtype`` is the dtype the model loads in by default."""
         arch = "Glm4ForCausalLM" if self.post_norms else "GlmForCausalLM"
         hf = {
             "architectures": [arch],
@@ -171,7 +172,7 @@ class Config:
             "pad_token_id": self.pad_token_id,
             "eos_token_id": list(self.eos_token_id),
             "bos_token_id": self.bos_token_id,
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype,
             "use_cache": True,
             "openglm_name": self.name,
         }
@@ -179,10 +180,11 @@ class Config:
             hf["position_encoding_2d"] = True
         return hf
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, torch_dtype: str = "float32") -> None:
         from .utils import atomic_write_text
 
-        atomic_write_text(Path(directory) / "config.json", json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        text = json.dumps(self.to_hf_dict(torch_dtype), indent=2) + "\n"
+        atomic_write_text(Path(directory) / "config.json", text)
 
 
 def _register(*configs: Config) -> dict[str, Config]:

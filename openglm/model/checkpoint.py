@@ -94,10 +94,13 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
     """Load a checkpoint directory, or a checkpoint bundled with openglm by name (e.g. ``"glm-tiny"``).
 
     Returns a ``GLMForCausalLM`` in eval mode whose call ``model(input_ids)`` gives logits
-    ``[batch, seq, vocab]``. ``dtype`` casts floating-point weights (default: as stored).
+    ``[batch, seq, vocab]``. ``dtype`` casts floating-point weights; by default they load in the
+    ``torch_dtype`` of ``config.json`` (as stored when it has none).
     """
     directory = checkpoint_dir(path_or_name)
     config = Config.from_file(directory)
+    if dtype is None:
+        dtype = _recorded_dtype(directory)
     state, _ = read_safetensors(weight_files(directory), dtype)
     with torch.device("meta"):
         model = GLMForCausalLM(config)
@@ -106,6 +109,14 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device).eval()
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _recorded_dtype(directory: Path) -> torch.dtype | None:
+    hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    return _DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"))
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -121,8 +132,12 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
 
 
 def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, generation_config: dict | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> Path:
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+               storage_dtype: torch.dtype | None = None) -> Path:
     """Save ``model`` (and optionally its tokenizer) as a Hugging Face checkpoint directory.
+
+    ``storage_dtype`` stores floating-point weights in another dtype (e.g. bfloat16 to halve the
+    files); ``config.json`` still records the model's own dtype, which ``load_model`` restores.
 
     The directory is written beside the target and swapped in by rename, so an interrupted save
     leaves the previous checkpoint intact.
@@ -130,7 +145,9 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(storage_dtype if storage_dtype and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    model_dtype = next(n for n, d in _DTYPES.items() if d == model.lm_head.weight.dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     meta = {"format": "pt", **(metadata or {})}
@@ -149,7 +166,7 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
                 weight_map.update({k: fname for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        config.save(tmp)
+        config.save(tmp, torch_dtype=model_dtype)
         gen = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id, **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:

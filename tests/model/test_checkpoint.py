@@ -47,6 +47,16 @@ def test_dtype_kept_or_cast(tmp_path):
     assert load_model(out, dtype=torch.float32).lm_head.weight.dtype == torch.float32
 
 
+def test_storage_dtype_halves_files_and_loads_back_in_fp32(tmp_path):
+    model = tiny()
+    full = save_model(model, tmp_path / "fp32")
+    half = save_model(model, tmp_path / "bf16-stored", storage_dtype=torch.bfloat16)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    back = load_model(half)
+    assert back.lm_head.weight.dtype == torch.float32
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.to(torch.bfloat16).float())
+
+
 def test_no_kv_cache_or_rotary_buffers_in_state_dict():
     model = tiny()
     model.new_cache(1, 8)
