@@ -2,98 +2,146 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 
+from ..errors import OpenGLMError
 
-def _evaluate(model_name: str, args) -> dict:
-    import itertools
 
-    from tqdm import tqdm
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _read_data(args) -> tuple[dict[str, list], dict[str, list]]:
+    """Documents of each ``--ppl`` file and items of each multiple-choice file, read (and checked) once."""
+    from itertools import islice
 
     from ..data.prepare import read_documents
-    from ..data.tokenizer import load_tokenizer
-    from ..model.checkpoint import load_model
-    from .multiple_choice import multiple_choice, read_items
-    from .perplexity import perplexity
+    from .multiple_choice import read_items
 
-    model = load_model(model_name, device=args.device)
-    tok = load_tokenizer(args.tokenizer or model_name)
-    out = {"model": model_name, "perplexity": {}, "multiple_choice": {}}
-    for path in args.ppl:
-        docs = itertools.islice(read_documents(path), args.max_docs)
-        with tqdm(desc=f"ppl {Path(path).name}", unit="doc", total=args.max_docs, disable=args.quiet) as bar:
-            stats = perplexity(model, tok, docs, seq_len=args.seq_len, batch_size=args.batch_size, bar=bar)
-        out["perplexity"][Path(path).name] = {lang: s.as_dict() for lang, s in stats.items()}
-    for path in _mc_files(args):
-        items = list(itertools.islice(read_items(path), args.max_items))
-        with tqdm(desc=f"mc {Path(path).name}", unit="item", total=len(items), disable=args.quiet) as bar:
-            out["multiple_choice"][Path(path).name] = multiple_choice(model, tok, items, args.batch_size, bar).as_dict()
-    return out
-
-
-def _mc_files(args) -> list[str]:
-    from ..errors import OpenGLMError
-
-    files = list(args.mc)
+    mc_files = list(args.mc)
     if args.tasks_dir:
+        if not Path(args.tasks_dir).is_dir():
+            raise OpenGLMError(f"no tasks directory at {args.tasks_dir!r}")
         found = sorted(str(p) for p in Path(args.tasks_dir).glob("*_mc.jsonl*"))
         if not found:
             raise OpenGLMError(f"no *_mc.jsonl[.xz|.gz] files in {args.tasks_dir}")
-        files += found
-    return files
+        mc_files += found
+    for path in [*args.ppl, *mc_files]:
+        if not Path(path).is_file():
+            raise OpenGLMError(f"no file at {path!r}")
+    docs = {Path(p).name: list(islice(read_documents(p), args.max_docs)) for p in args.ppl}
+    items = {Path(p).name: list(islice(read_items(p), args.max_items)) for p in mc_files}
+    return docs, items
 
 
-def _table(results: list[dict]) -> str:
+def _evaluate(model_name: str, docs: dict[str, list], items: dict[str, list], args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from ..data.tokenizer import load_tokenizer
+    from ..model.checkpoint import load_model
+    from .multiple_choice import multiple_choice
+    from .perplexity import BOS, bos_ids, perplexity
+
+    model = load_model(model_name, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    tok = load_tokenizer(args.tokenizer or model_name)
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    out = {"model": model_name, "seq_len": seq_len, "stride": args.stride or seq_len // 2,
+           "bos": BOS if bos_ids(tok) else None, "perplexity": {}, "multiple_choice": {}, "seconds": {}}
+    for name, documents in docs.items():
+        t0 = time.perf_counter()
+        with tqdm(desc=f"ppl {name}", unit="tok", unit_scale=True, disable=args.quiet) as bar:
+            stats = perplexity(model, tok, documents, seq_len=seq_len, stride=args.stride,
+                               batch_size=args.batch_size, max_tokens=args.max_tokens, bar=bar)
+        out["perplexity"][name] = {lang: s.as_dict() for lang, s in stats.items()}
+        out["seconds"][name] = time.perf_counter() - t0
+    for name, mc_items in items.items():
+        t0 = time.perf_counter()
+        with tqdm(desc=f"mc {name}", unit="item", total=len(mc_items), disable=args.quiet) as bar:
+            out["multiple_choice"][name] = multiple_choice(model, tok, mc_items, args.batch_size, bar).as_dict()
+        out["seconds"][name] = time.perf_counter() - t0
+    return out
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table, one row per set and metric, one value column per model."""
     head = "| set | metric | " + " | ".join(r["model"] for r in results) + " |"
-    lines = [head, "|---|---|" + "---|" * len(results)]
+    lines = [head, "|---|---|" + "---:|" * len(results)]
+
+    def row(label, metric, values):
+        lines.append(f"| {label} | {metric} | " + " | ".join(values) + " |")
+
     first = results[0]
     for name, per_lang in first["perplexity"].items():
-        for lang in per_lang:
-            for metric, fmt in (("ppl/token", "{:.2f}"), ("bits/char", "{:.3f}")):
-                key = "perplexity" if metric == "ppl/token" else "bits_per_char"
-                vals = [fmt.format(r["perplexity"][name][lang][key]) for r in results]
-                lines.append(f"| {name} [{lang}] | {metric} | " + " | ".join(vals) + " |")
-    for name in first["multiple_choice"]:
+        for lang, s in per_lang.items():
+            label = f"{name} [{lang}] ({s['documents']} docs, {s['chars']} chars)"
+            for metric, key, fmt in (("tokens", "tokens", "{}"), ("nll/token", "nll_per_token", "{:.4f}"),
+                                     ("ppl/token", "perplexity", "{:.2f}"), ("bits/char", "bits_per_char", "{:.4f}")):
+                row(label, metric, [fmt.format(r["perplexity"][name][lang][key]) for r in results])
+    for name, m in first["multiple_choice"].items():
         for metric in ("acc", "acc_norm"):
-            vals = []
+            values = []
             for r in results:
-                m = r["multiple_choice"][name]
-                ci = f" ({m['acc_ci95'][0]:.1%}-{m['acc_ci95'][1]:.1%})" if metric == "acc" else ""
-                vals.append(f"{m[metric]:.1%}{ci}")
-            lines.append(f"| {name} (n={first['multiple_choice'][name]['items']}) | {metric} | " + " | ".join(vals) + " |")
+                v = r["multiple_choice"][name]
+                lo, hi = v[f"{metric}_ci95"]
+                values.append(f"{v[metric]:.1%} [{lo:.1%}, {hi:.1%}]")
+            row(f"{name} (n={m['items']})", f"{metric} [95% CI]", values)
     return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
-    from ..errors import OpenGLMError
     from ..utils import atomic_write_text
 
-    if not args.ppl and not args.mc and not args.tasks_dir:
+    if not (args.ppl or args.mc or args.tasks_dir):
         raise OpenGLMError("nothing to evaluate: give --ppl FILE, --mc FILE or --tasks-dir DIR")
-    results = [_evaluate(name, args) for name in [args.model, *args.compare]]
-    print(_table(results))
+    docs, items = _read_data(args)
+    results = [_evaluate(name, docs, items, args) for name in [args.model, *args.compare]]
+    print(table(results))
+    if docs:
+        first_token = ("each document starts from <|endoftext|>, so its first token is predicted too"
+                       if all(r["bos"] for r in results) else
+                       "the first token of each document is not predicted when the tokenizer has no <|endoftext|>")
+        print(f"\nPerplexity: documents scored separately in windows of {results[0]['seq_len']} tokens; {first_token}; "
+              "bits/char = total NLL in bits / characters of the documents.")
     if args.json:
         atomic_write_text(args.json, json.dumps(results if args.compare else results[0], indent=2) + "\n")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity and zero-shot multiple-choice accuracy",
-                       description="Evaluate MODEL: perplexity per token and bits per character (per language) on "
-                                   "text files, and log-likelihood multiple choice on JSONL sets "
-                                   '({"context", "choices", "label"}).')
+    p = sub.add_parser(
+        "eval", help="perplexity and zero-shot multiple-choice accuracy",
+        description="Evaluate MODEL (a checkpoint directory or bundled name): perplexity per token and bits per "
+                    "character, per language, on text files (.txt or JSONL with \"text\" and \"lang\", optionally "
+                    ".xz/.gz); zero-shot log-likelihood accuracy on multiple-choice JSONL sets "
+                    '({"context", "choices", "label"}). Prints a markdown table.')
     p.add_argument("model", help="checkpoint directory or bundled name")
     p.add_argument("--ppl", nargs="+", default=[], metavar="FILE", help="text/JSONL files (.xz/.gz) for perplexity")
-    p.add_argument("--mc", nargs="+", default=[], metavar="FILE", help="multiple-choice JSONL files")
-    p.add_argument("--tasks-dir", default=None, help="evaluate every *_mc.jsonl[.xz] file in this directory")
-    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL", help="more models, shown side by side")
-    p.add_argument("--max-docs", type=int, default=None, help="perplexity on the first N documents")
-    p.add_argument("--max-items", type=int, default=None, help="first N items of each multiple-choice set")
-    p.add_argument("--seq-len", type=int, default=512, help="scoring window in tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", default=None, help="default: the model's")
+    p.add_argument("--mc", nargs="+", default=[], metavar="FILE", help="multiple-choice JSONL files (.xz/.gz)")
+    p.add_argument("--tasks-dir", default=None, metavar="DIR", help="also every *_mc.jsonl[.xz|.gz] file in DIR")
+    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
+                   help="more models evaluated on the same data, shown side by side")
+    p.add_argument("--max-docs", type=_positive, default=None, metavar="N", help="first N documents of each --ppl file")
+    p.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+                   help="stop each --ppl file after the document that reaches N predicted tokens")
+    p.add_argument("--max-items", type=_positive, default=None, metavar="N", help="first N items of each multiple-choice set")
+    p.add_argument("--seq-len", type=_positive, default=512, metavar="N",
+                   help="perplexity window in tokens (capped at the model's context; default 512)")
+    p.add_argument("--stride", type=_positive, default=None, metavar="N",
+                   help="tokens a window advances by in long documents, so each token keeps at least "
+                        "seq-len - stride tokens of context (default seq-len / 2)")
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="sequences per forward pass (default 8)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the model's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, metavar="OUT", help="write all figures as JSON")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: as recorded in the checkpoint)")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write all figures as JSON (a list of per-model objects with --compare)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

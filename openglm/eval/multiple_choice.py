@@ -1,11 +1,15 @@
 """Zero-shot multiple choice by log-likelihood: which continuation of the context is most likely.
 
-Items are JSON lines ``{"context": str, "choices": [str, ...], "label": int}``. Each choice is
-scored as the summed log-probability of its tokens after the context, the context and the choice
-tokenized separately and joined (so every choice sees the same context tokens). A space joins them
-unless the context already ends in whitespace or in CJK / full-width punctuation. ``acc`` picks the
-highest sum, ``acc_norm`` the highest sum per character of the choice (lm-eval-harness's
-normalisation), which does not favour short answers.
+Items are JSON lines ``{"context": str, "choices": [str, ...], "label": int}`` (other fields are
+ignored). Each choice becomes a continuation of the context as lm-eval-harness builds it: a space
+joins them unless the context already ends in whitespace or in a CJK / full-width character, and
+whitespace at the end of the context moves to the start of the continuation (so it merges with the
+first word as in ordinary text). The text ``<|endoftext|>`` + context + continuation is tokenized
+whole; the choice's tokens are those beyond the longest common prefix with the tokenized context,
+so the tokenization is the one the model saw in training even where a token would straddle the
+boundary. A choice's score is the summed log-probability of its tokens. ``acc`` picks the highest
+score, ``acc_norm`` the highest score per character of the continuation (lm-eval-harness's
+normalisation, which does not favour short answers).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OpenGLMError
-from .perplexity import score_windows
+from .perplexity import bos_ids, score
 
 
 @dataclass
@@ -38,12 +42,12 @@ class MCResult:
         return self.correct_norm / max(self.items, 1)
 
     def as_dict(self) -> dict:
-        lo, hi = wilson_interval(self.correct, self.items)
-        return {"items": self.items, "acc": self.acc, "acc_norm": self.acc_norm, "acc_ci95": [lo, hi]}
+        return {"items": self.items, "acc": self.acc, "acc_ci95": list(wilson_interval(self.correct, self.items)),
+                "acc_norm": self.acc_norm, "acc_norm_ci95": list(wilson_interval(self.correct_norm, self.items))}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for ``k`` successes in ``n`` trials."""
+    """Wilson score interval (95% for the default ``z``) of a proportion with ``k`` successes in ``n`` trials."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
@@ -53,11 +57,17 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def delimiter(context: str) -> str:
+    """``" "`` to join a choice to ``context``, or ``""`` after whitespace or a wide (CJK) character."""
     if not context or context[-1].isspace():
         return ""
-    last = context[-1]
-    wide = unicodedata.east_asian_width(last) in ("W", "F")
-    return "" if wide else " "
+    return "" if unicodedata.east_asian_width(context[-1]) in ("W", "F") else " "
+
+
+def split_pair(context: str, choice: str) -> tuple[str, str]:
+    """``(context, continuation)`` with the delimiter added and trailing context whitespace moved over."""
+    continuation = delimiter(context) + choice
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
 
 
 def read_items(path: str | Path) -> Iterator[dict]:
@@ -66,45 +76,83 @@ def read_items(path: str | Path) -> Iterator[dict]:
     if not path.is_file():
         raise OpenGLMError(f"no multiple-choice file at {str(path)!r}")
     opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    lineno = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     yield _item(line, path, lineno)
-    except (UnicodeDecodeError, lzma.LZMAError, EOFError, gzip.BadGzipFile) as e:
-        raise OpenGLMError(f"{path}: cannot read: {e}") from None
+    except (UnicodeDecodeError, OSError, EOFError, lzma.LZMAError) as e:
+        raise OpenGLMError(f"{path}: cannot read after line {lineno}: {e}") from None
 
 
 def _item(line: str, path: Path, lineno: int) -> dict:
     try:
         item = json.loads(line)
         ok = (isinstance(item["context"], str) and isinstance(item["choices"], list) and len(item["choices"]) >= 2
-              and all(isinstance(c, str) for c in item["choices"])
-              and isinstance(item["label"], int) and 0 <= item["label"] < len(item["choices"]))
+              and all(isinstance(c, str) and c for c in item["choices"])
+              and type(item["label"]) is int and 0 <= item["label"] < len(item["choices"]))
     except (json.JSONDecodeError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise OpenGLMError(f'{path}:{lineno}: not a multiple-choice item ({{"context": str, "choices": [str, ...], "label": index}})')
+        raise OpenGLMError(f'{path}:{lineno}: not a multiple-choice item '
+                           '({"context": str, "choices": [non-empty str, ...], "label": index of the answer})')
     return item
 
 
+def _rows(tokenizer, item: dict, limit: int, bos: list[int]) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Scoring rows ``(ids, first_scored)`` and continuation lengths in characters, one per choice."""
+    rows, chars = [], []
+    for choice in item["choices"]:
+        context, continuation = split_pair(item["context"], choice)
+        ctx = bos + tokenizer.encode(context)
+        whole = bos + tokenizer.encode(context + continuation)
+        first = next((i for i, (a, b) in enumerate(zip(ctx, whole)) if a != b), len(ctx))
+        first = max(first, 1)  # the first token has nothing before it to predict it from
+        cut = max(0, len(whole) - limit)  # over the model's context: drop the oldest context tokens
+        rows.append((whole[cut:], max(first - cut, 1)))
+        chars.append(len(continuation))
+    return rows, chars
+
+
 def multiple_choice(model, tokenizer, items: Iterable[dict], batch_size: int = 8, bar=None) -> MCResult:
-    """Accuracy of ``model`` on ``items``; all choices of an item go through the model in one batch."""
-    bos = [tokenizer.eos_id] if "<|endoftext|>" in tokenizer.special_ids else []
+    """Accuracy of ``model`` on ``items``.
+
+    Items are taken in groups of at least ``batch_size`` choices, whose rows go through the model
+    ``batch_size`` at a time, batched by length. ``bar`` (a ``tqdm``) advances by items.
+    """
+    limit = model.config.max_position_embeddings
+    bos = bos_ids(tokenizer)
     result = MCResult()
-    for item in items:
-        ctx = bos + tokenizer.encode(item["context"])
-        sep = delimiter(item["context"])
-        rows = [(ctx + tokenizer.encode(sep + c), len(ctx)) for c in item["choices"]]
-        limit = model.config.max_position_embeddings
-        rows = [(ids[-limit:], max(1, first - max(0, len(ids) - limit))) for ids, first in rows]
-        nll = []
-        for i in range(0, len(rows), batch_size):
-            nll += score_windows(model, rows[i:i + batch_size])
-        per_char = [n / max(len(c), 1) for n, c in zip(nll, item["choices"])]
-        result.items += 1
-        result.correct += min(range(len(nll)), key=nll.__getitem__) == item["label"]
-        result.correct_norm += min(range(len(per_char)), key=per_char.__getitem__) == item["label"]
+    group: list[dict] = []
+    pending = 0  # choices in the group
+
+    def flush():
+        rows, chars = [], []
+        for item in group:
+            r, c = _rows(tokenizer, item, limit, bos)
+            rows += r
+            chars += c
+        nll = score(model, rows, batch_size)
+        start = 0
+        for item in group:
+            end = start + len(item["choices"])
+            label = item["label"]
+            # argmin of NLL = argmax of log-likelihood; ties go to the first choice.
+            result.correct += min(range(start, end), key=lambda i: nll[i]) - start == label
+            result.correct_norm += min(range(start, end), key=lambda i: nll[i] / chars[i]) - start == label
+            start = end
+        result.items += len(group)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(group))
+        group.clear()
+
+    for item in items:
+        group.append(item)
+        pending += len(item["choices"])
+        if pending >= batch_size:
+            flush()
+            pending = 0
+    if group:
+        flush()
     return result
