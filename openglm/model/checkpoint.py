@@ -172,6 +172,7 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
         if tokenizer is not None:
             tokenizer.save(tmp)
         for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _swap_in(tmp, directory)
