@@ -84,10 +84,8 @@ def _resolve(model, tokenizer):
 
 
 def _stop_ids(model, tokenizer, params: SamplingParams) -> set[int]:
-    ids = set(params.stop_token_ids) | set(model.config.eos_token_id)
-    if "<|endoftext|>" in tokenizer.special_ids:
-        ids.add(tokenizer.eos_id)
-    return ids
+    eos = tokenizer.special_ids.get("<|endoftext|>")
+    return set(params.stop_token_ids) | set(model.config.eos_token_id) | ({eos} if eos is not None else set())
 
 
 def _positions(model, pos: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +109,7 @@ def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: S
             f"{model.config.max_position_embeddings} positions"
         )
     stop_ids = _stop_ids(model, tokenizer, params)
-    pad = tokenizer.eos_id if "<|endoftext|>" in tokenizer.special_ids else 0
+    pad = tokenizer.special_ids.get("<|endoftext|>", 0)
     ids = torch.full((B, P), pad, dtype=torch.long, device=device)
     keys = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
     for i, p in enumerate(prompts):
