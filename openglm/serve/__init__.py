@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching engine, accounts and billing, and an OpenAI-compatible HTTP API."""
