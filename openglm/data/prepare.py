@@ -396,7 +396,7 @@ def _encode(tok, texts: list[str]):
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="prepare pretraining data")
+    parser = subparsers.add_parser("data", help="prepare pretraining and instruction data")
     verbs = parser.add_subparsers(dest="data_verb", metavar="<action>", required=True)
     p = verbs.add_parser(
         "prepare",
@@ -418,6 +418,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--doc-per-file", action="store_true", help="a text file is one document, not one per line")
     p.set_defaults(func=_prepare_command)
+    from .instruct import register_instruct
+
+    register_instruct(verbs)
 
 
 def _prepare_command(args: argparse.Namespace) -> int:

@@ -139,13 +139,14 @@ def _check_settings(s: PretrainSettings, world: Distributed) -> None:
               "times slower than fp32 here", file=sys.stderr)
 
 
-def _run_settings(s: PretrainSettings, run_dir: Path, resuming: bool) -> None:
-    """Write ``run.json``, or check that a resumed run keeps the settings it cannot change."""
+def _run_settings(s, run_dir: Path, resuming: bool, fixed: tuple[str, ...] = RESUME_FIXED) -> None:
+    """Write ``run.json`` from the settings dataclass ``s``, or check that a resumed run keeps the
+    settings named in ``fixed``."""
     path = run_dir / "run.json"
     current = dataclasses.asdict(s)
     if resuming and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_FIXED if saved.get(k) != current[k]]
+        changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in fixed if saved.get(k) != current[k]]
         if changed:
             raise OpenGLMError("cannot resume with other model or data settings (" + "; ".join(changed) + ")")
     from ..utils import atomic_write_text
@@ -390,14 +391,14 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
                 if bar.disable and world.is_main:
                     print(f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
                           f"{tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
-            if val_batches and (step % s.eval_every == 0 or step == s.steps):
+            if val_batches and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
                 val_loss = run_eval()
             if stop_votes:
                 interrupted = True
                 break
             if s.stop_after and step - start_step >= s.stop_after:
                 break
-            if step % s.save_every == 0 and step < s.steps:
+            if s.save_every and step % s.save_every == 0 and step < s.steps:
                 save()
         save()
     if world.is_main:
