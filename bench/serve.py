@@ -1,0 +1,199 @@
+"""Serving benchmark: continuous batching versus one request at a time, like vLLM's serving benchmark.
+
+    python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 4]
+
+Starts two ``openglm serve`` processes on free ports, each on a fresh SQLite database (its demo key):
+one with continuous batching (``--max-batch-size 16``) and one limited to one request at a time
+(``--max-batch-size 1``). Against each, at each concurrency C, C clients send streamed completions
+back to back (C x prompts-per-client requests; ``--request-rate`` instead spaces the requests as a
+Poisson process, C at most in flight). Reported, as vLLM does: request and output-token throughput,
+time to first token (TTFT), time per output token TPOT = (latency - TTFT) / (output tokens - 1), and
+inter-token latency (ITL, between consecutive streamed chunks: a token that completes no printable
+text, such as half a UTF-8 character, joins the next), p50 and p99. Goals: >= 4x output-token throughput at concurrency 16, and TTFT
+p50 at concurrency 16 under 2x its value at concurrency 1 (with continuous batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "The General Language Model fills blanks in text",
+    "Once upon a time, in a small village by the sea,",
+    "The history of the printing press begins",
+    "通用语言模型通过自回归空白填充进行预训练",
+    "A simple recipe for bread needs flour, water,",
+    "In mathematics, a prime number is",
+    "The weather tomorrow will be",
+    "人工智能的发展历史可以追溯到",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``openglm serve`` in a subprocess; ``key`` is the demo key it prints."""
+
+    def __init__(self, model: str, max_batch_size: int, workdir: str, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        db = f"sqlite:///{workdir}/bs{max_batch_size}.db"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openglm", "serve", "--model", model, "--served-model-name", "bench",
+             "--port", str(self.port), "--db", db, "--max-batch-size", str(max_batch_size), "--threads", str(threads),
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.key = None
+        for line in self.proc.stdout:
+            if m := re.match(r"API key: (\S+)", line):
+                self.key = m.group(1)
+                break
+        if self.key is None:
+            raise SystemExit(f"openglm serve printed no API key (exit code {self.proc.wait()})")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("openglm serve did not become healthy")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@dataclass
+class Result:
+    latency: float
+    ttft: float
+    output_tokens: int
+    itl: list[float] = field(default_factory=list)
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, seed: int) -> Result:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif event["choices"]:  # a token's text, or the last token's finish reason
+                times.append(time.perf_counter())
+    end = time.perf_counter()
+    return Result(end - start, times[0] - start, tokens, [b - a for a, b in zip(times, times[1:])])
+
+
+async def run_level(url: str, key: str, concurrency: int, n: int, max_tokens: int, rate: float) -> tuple[list, float]:
+    """``n`` requests with at most ``concurrency`` in flight; returns (results, wall seconds)."""
+    rng = random.Random(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=600, limits=limits) as client:
+        async def task(i: int, delay: float) -> Result:
+            await asyncio.sleep(delay)
+            async with gate:
+                return await one_request(client, url, PROMPTS[i % len(PROMPTS)], max_tokens, i)
+
+        delays, t = [], 0.0
+        for _ in range(n):
+            delays.append(t)
+            if rate != float("inf"):
+                t += rng.expovariate(rate)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(task(i, d) for i, d in enumerate(delays)))
+        return results, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in results if r.output_tokens > 1]
+    itl = [x for r in results for x in r.itl]
+    ttft = [r.ttft for r in results]
+    return {"req_s": len(results) / wall, "tok_s": sum(r.output_tokens for r in results) / wall,
+            "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "tpot50": pct(tpot, 50), "tpot99": pct(tpot, 99),
+            "itl50": pct(itl, 50), "itl99": pct(itl, 99),
+            "out_len": statistics.mean(r.output_tokens for r in results)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="glm-tiny", help="checkpoint directory or bundled name")
+    ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request (at most)")
+    ap.add_argument("--prompts-per-client", type=int, default=4, help="requests per level = this x concurrency")
+    ap.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="requests per second, Poisson arrivals (default: all at once, concurrency-limited)")
+    ap.add_argument("--batch-size", type=int, default=16, help="--max-batch-size of the batching server")
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="torch threads of the server (default: all CPUs but one, which the clients use)")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for label, batch in (("batched", args.batch_size), ("one-at-a-time", 1)):
+            server = Server(args.model, batch, workdir, args.threads)
+            try:
+                asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
+                for c in levels:
+                    results, wall = asyncio.run(run_level(server.url, server.key, c, c * args.prompts_per_client,
+                                                          args.max_tokens, args.request_rate))
+                    rows[label, c] = summarize(results, wall)
+                    r = rows[label, c]
+                    print(f"{label:>14} c={c:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1000:7.1f} ms",
+                          file=sys.stderr, flush=True)
+            finally:
+                server.stop()
+
+    print(f"\nmodel {args.model}, {args.max_tokens} max tokens, {os.cpu_count()} CPUs, server on {args.threads} "
+          "torch threads; times in ms")
+    print(f"{'server':>14} {'conc':>4} {'req/s':>6} {'out tok/s':>9} {'out len':>7} {'TTFT p50':>8} {'p99':>7} "
+          f"{'TPOT p50':>8} {'p99':>7} {'ITL p50':>7} {'p99':>7}")
+    for (label, c), r in rows.items():
+        print(f"{label:>14} {c:>4} {r['req_s']:6.2f} {r['tok_s']:9.1f} {r['out_len']:7.1f} {r['ttft50'] * 1e3:8.1f} "
+              f"{r['ttft99'] * 1e3:7.1f} {r['tpot50'] * 1e3:8.1f} {r['tpot99'] * 1e3:7.1f} {r['itl50'] * 1e3:7.1f} "
+              f"{r['itl99'] * 1e3:7.1f}")
+    top, low = max(levels), min(levels)
+    if ("batched", top) in rows and ("one-at-a-time", top) in rows:
+        speedup = rows["batched", top]["tok_s"] / rows["one-at-a-time", top]["tok_s"]
+        ratio = rows["batched", top]["ttft50"] / rows["batched", low]["ttft50"]
+        print(f"\noutput-token throughput at concurrency {top}, batched / one at a time: {speedup:.2f}x (goal >= 4x)")
+        print(f"batched TTFT p50 at concurrency {top} / at {low}: {ratio:.2f}x (goal < 2x)")
+
+
+if __name__ == "__main__":
+    main()

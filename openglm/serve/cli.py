@@ -1,0 +1,119 @@
+"""``openglm serve``: the HTTP API over one model, with accounts and billing in SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+DEFAULT_MODEL = "glm-tiny-chat"
+FALLBACK_MODEL = "glm-tiny"  # served when the chat model is not bundled
+
+
+def _default_model() -> str:
+    from ..paths import bundled_names
+
+    return DEFAULT_MODEL if DEFAULT_MODEL in bundled_names() else FALLBACK_MODEL
+
+
+def _examples(base: str, model: str, secret: str) -> str:
+    return (
+        f"API key: {secret}\n"
+        f"  curl {base}/v1/chat/completions -H 'Authorization: Bearer {secret}' "
+        f"-H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f"  python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{base}/v1\", api_key=\"{secret}\"); "
+        f"print(c.chat.completions.create(model=\"{model}\", "
+        f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)'\n"
+        f"  chat page: {base}/"
+    )
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ..model.checkpoint import checkpoint_dir
+    from .app import attach_model, create_app
+    from .store import Store
+
+    source = args.model or _default_model()
+    directory = checkpoint_dir(source)  # a bad name fails here, before the server starts
+    name = args.served_model_name or directory.name
+    store = Store(args.db)
+    recovered = store.recover()
+    if recovered:
+        print(f"released {recovered} reservations left open by a server that stopped", file=sys.stderr)
+    secret = store.ensure_demo(name)
+    app = create_app(None, store, name, None, admin_key=args.admin_key or os.environ.get("OPENGLM_ADMIN_KEY"),
+                     max_body_bytes=args.max_body_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    failure: list[BaseException] = []
+
+    def load() -> None:  # the server answers /health with 503 meanwhile
+        try:
+            import torch
+
+            from ..data.tokenizer import load_tokenizer
+            from ..model.checkpoint import load_model
+            from .engine import Engine
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+
+            model = load_model(directory, device=args.device)
+            tokenizer = load_tokenizer(directory)
+            engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                            max_seq_len=args.max_seq_len, model_name=name)
+            attach_model(app, engine, tokenizer)
+            print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        except BaseException as e:
+            failure.append(e)
+            server.should_exit = True
+
+    base = f"http://{args.host}:{args.port}"
+    if secret:
+        print(f"created the demo account with a starting balance\n{_examples(base, name, secret)}", flush=True)
+    else:
+        print("the database has accounts already; make a key with `openglm keys create`", flush=True)
+    threading.Thread(target=load, name="openglm-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        engine = app.state.server.engine
+        if engine is not None:
+            engine.stop()
+        store.close()
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def register(sub) -> None:
+    from .store import DEFAULT_DB_URL
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve MODEL over HTTP: OpenAI-compatible /v1 routes, Zhipu's "
+                                   "/api/paas/v4/chat/completions, GLM infilling, a chat page at /, with "
+                                   "API keys, balances and rate limits in the database. On an empty database "
+                                   "it creates a demo account and prints its key.")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint directory or bundled name (default: {DEFAULT_MODEL}, "
+                        f"or {FALLBACK_MODEL} if that is not bundled)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=DEFAULT_DB_URL, help="sqlite:///path.db or postgresql://user@host/db "
+                                                        "(default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503")
+    p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request "
+                                                                 "(default: the model's, at most 4096)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--admin-key", default=None, help="secret for the /admin routes (default: $OPENGLM_ADMIN_KEY; "
+                                                     "keys created with --admin work too)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model (default: torch's; fewer than the free cores avoids stalls)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

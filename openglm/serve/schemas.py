@@ -1,0 +1,328 @@
+"""Request and response bodies of the HTTP API (pydantic): OpenAI's shapes, Zhipu's request fields, GLM infilling.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do, so that clients sending newer
+fields still work; every field we read is typed and bounded, so a bad value is a 422, never a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 16  # choices per request: each one is a full engine request
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_TOP_LOGPROBS = 20
+MAX_UNITS = 2**53  # money and ids stay exact in JSON numbers and far inside the database's 64-bit integers
+MAX_LIMIT = 2**31
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class FunctionDef(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict:
+        """The dict ``render_chat`` takes: text parts joined, OpenAI's ``developer`` role read as ``system``."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class _Sampling(_Request):
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Field(ge=0, lt=2**53)] | None = None  # exact in JSON numbers
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return _stop_list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    max_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    user: str | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ZhipuChatRequest(_Sampling):
+    """``POST /api/paas/v4/chat/completions``: Zhipu's fields on top of the chat ones (one stop string)."""
+
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    request_id: Annotated[str, Field(min_length=6, max_length=64)] | None = None
+    do_sample: bool = True
+    user_id: Annotated[str, Field(min_length=6, max_length=128)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    stop: Annotated[list[str], Field(max_length=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] = 0.95
+    top_p: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto"] | None = None
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: ``prompt`` is a string or a list of strings (one batch)."""
+
+    model: str
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    max_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    user: str | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings``: mean-pooled final hidden states of each input."""
+
+    model: str
+    input: (str | Annotated[list[str], Field(min_length=1, max_length=256)]
+            | Annotated[list[Annotated[int, Field(ge=0, lt=MAX_LIMIT)]], Field(min_length=1)]
+            | Annotated[list[Annotated[list[Annotated[int, Field(ge=0, lt=MAX_LIMIT)]], Field(min_length=1)]],
+                        Field(min_length=1, max_length=256)])
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if value == "" or (isinstance(value, list) and any(v == "" for v in value)):
+            raise ValueError("input must not be empty text")
+        return value
+
+
+class InfillRequest(_Request):
+    """``POST /v1/infill``: GLM blank infilling of ``[MASK]`` / ``[sMASK]`` / ``[gMASK]`` in ``prompt``."""
+
+    model: str
+    prompt: Annotated[str, Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] = 32  # per blank
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Field(ge=0, lt=2**53)] | None = None  # exact in JSON numbers
+    request_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+# --- responses -------------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    request_id: str | None = None  # Zhipu's route echoes it
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class Infill(BaseModel):
+    id: str
+    object: Literal["infill"] = "infill"
+    created: int
+    model: str
+    text: str  # the prompt with every blank filled
+    spans: list[str]  # what went into each blank, in order
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "openglm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- usage and admin -------------------------------------------------------------------------------
+
+class UsageReport(BaseModel):
+    account_id: int
+    balance: int  # units: 1e-6 of the currency
+    usage: list[dict[str, Any]]  # by day and model
+
+
+class NewAccount(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    balance: Annotated[int, Field(ge=0, lt=MAX_UNITS)] = 0
+
+
+class TopUp(_Request):
+    amount: Annotated[int, Field(gt=0, lt=MAX_UNITS)]
+
+
+class NewKey(_Request):
+    account_id: Annotated[int, Field(ge=1, lt=MAX_UNITS)]
+    name: str | None = None
+    expires_at: str | None = None  # ISO 8601
+    models: list[str] | None = None
+    rpm: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    tpm: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    max_concurrency: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = None
+    admin: bool = False
+
+
+class Price(_Request):
+    input_per_million: Annotated[int, Field(ge=0, lt=MAX_LIMIT)]
+    output_per_million: Annotated[int, Field(ge=0, lt=MAX_LIMIT)]

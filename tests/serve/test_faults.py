@@ -1,0 +1,182 @@
+"""Faults and load: clients that leave, many clients on one budget, replicas on one database, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import torch
+from live_server import ServerProcess, serving
+
+PROMPT = "The General Language Model"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def wait_settled(store, account_id, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while store.open_reservations(account_id):
+        assert time.monotonic() < deadline, "a reservation was left open"
+        time.sleep(0.05)
+
+
+def metric(server_url: str, name: str) -> float:
+    for line in httpx.get(server_url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path):
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'cut.db'}", max_seq_len=320) as (server, store, secret, aid):
+        auth = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "temperature": 0}
+        full = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=120).json()["usage"]
+        before = store.ledger_totals(aid)
+        generated = metric(server.url, "openglm_generation_tokens_total")
+        received = 0
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=auth,
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                received += line.startswith("data: ")
+                if received == 3:
+                    break  # leaving the block closes the connection mid-stream
+        wait_settled(store, aid)
+        billed = store.ledger_totals(aid)["completion_tokens"] - before["completion_tokens"]
+        # Billed: what the engine generated before it saw the cancel; fewer than the whole answer.
+        assert 3 <= billed < full["completion_tokens"]
+        assert metric(server.url, "openglm_generation_tokens_total") - generated == billed
+        assert metric(server.url, "openglm_num_requests_running") == 0  # the slot is free
+
+        # A non-streamed request whose client gives up is stopped and billed the same way.
+        before = store.ledger_totals(aid)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=0.3)
+        wait_settled(store, aid)
+        assert 0 < store.ledger_totals(aid)["completion_tokens"] - before["completion_tokens"] < full["completion_tokens"]
+        assert store.get_account(aid).reserved == 0
+
+
+async def _clients(urls: list[str], secret: str, clients: int, requests: int, body: dict) -> list[httpx.Response]:
+    """``clients`` concurrent clients, each sending ``requests`` requests in turn (client i to ``urls[i % len]``)."""
+    async def one(i: int, c: httpx.AsyncClient) -> list[httpx.Response]:
+        url = urls[i % len(urls)] + "/v1/chat/completions"
+        return [await c.post(url, json={**body, "seed": i * requests + k}) for k in range(requests)]
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {secret}"}, timeout=300, limits=limits) as c:
+        results = await asyncio.gather(*(one(i, c) for i in range(clients)))
+    return [r for rs in results for r in rs]
+
+
+def check_books(responses, store, account_id: int, balance: int) -> list[httpx.Response]:
+    """Every answer is a success or a 429; the ledger holds exactly the usage the clients got; returns the successes."""
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert all(r.status_code == 429 for r in refused), {r.status_code: r.text for r in refused}
+    assert {r.json()["error"]["code"] for r in refused} <= {"insufficient_quota", "rate_limit_exceeded"}
+    totals = store.ledger_totals(account_id)
+    assert totals["requests"] == len(ok)
+    assert totals["prompt_tokens"] == sum(r.json()["usage"]["prompt_tokens"] for r in ok)
+    assert totals["completion_tokens"] == sum(r.json()["usage"]["completion_tokens"] for r in ok)
+    account = store.get_account(account_id)
+    assert account.reserved == 0 and store.open_reservations(account_id) == []
+    assert account.balance == balance - totals["cost"] >= 0
+    return ok
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 1.0}
+
+
+@pytest.mark.slow
+def test_32_clients_on_one_budget(tiny_checkpoint, db_url):
+    # Each request costs about 15 units: the budget runs out after ~80, the rate limit after 100.
+    balance = 1200
+    with serving(tiny_checkpoint, db_url, max_batch_size=16, balance=balance, rpm=100) as (server, store, secret, aid):
+        responses = asyncio.run(_clients([server.url], secret, 32, 10, CHAT))
+        ok = check_books(responses, store, aid, balance)
+    assert 0 < len(ok) <= 100
+    assert any(r.json()["error"]["code"] == "insufficient_quota" for r in responses if r.status_code == 429)
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_postgres_never_overspend(tiny_checkpoint, postgres_url):
+    from openglm.serve.store import Store
+
+    balance = 600
+    with Store(postgres_url) as store:
+        store.set_price("tiny", 1_000_000, 2_000_000)
+        account = store.create_account("shared", balance)
+        _, secret = store.create_key(account.id)
+        servers = [ServerProcess(tiny_checkpoint, postgres_url, "--max-batch-size", "8") for _ in range(2)]
+        try:
+            for s in servers:
+                s.wait_ready()
+            responses = asyncio.run(_clients([s.url for s in servers], secret, 16, 5, CHAT))
+        finally:
+            for s in servers:
+                s.stop()
+        ok = check_books(responses, store, account.id, balance)
+    assert ok and len(ok) < len(responses)  # the budget ran out, and no replica went past it
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
+    from openglm.serve.store import Store
+
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    balance = 10**9
+    with Store(url) as store:
+        store.set_price("tiny", 1_000_000, 2_000_000)
+        account = store.create_account("load", balance)
+        _, secret = store.create_key(account.id)
+
+    async def load(server_url: str) -> None:
+        async def one(c: httpx.AsyncClient) -> None:
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+            try:
+                async with c.stream("POST", server_url + "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+            except httpx.HTTPError:  # the server died under us
+                pass
+
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {secret}"}, timeout=60) as c:
+            await asyncio.gather(*(one(c) for _ in range(8)))
+
+    server = ServerProcess(tiny_checkpoint, url)
+    server.wait_ready()
+
+    async def kill_mid_load():
+        task = asyncio.create_task(load(server.url))
+        with Store(url) as store:  # wait until requests hold reservations, then kill
+            deadline = time.monotonic() + 60
+            while len(store.open_reservations(account.id)) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        server.kill()
+        await task
+
+    asyncio.run(kill_mid_load())
+    with Store(url) as store:
+        assert store.open_reservations(account.id)  # left hanging by the dead server
+    restarted = ServerProcess(tiny_checkpoint, url)
+    try:
+        restarted.wait_ready()
+        r = httpx.post(restarted.url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3},
+                       headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        log = restarted.stop()
+    assert "released" in log
+    with Store(url) as store:
+        account_now = store.get_account(account.id)
+        assert store.open_reservations(account.id) == [] and account_now.reserved == 0
+        assert account_now.balance == balance - store.ledger_totals(account.id)["cost"]
