@@ -1,0 +1,25 @@
+"""The sampler draws from the filtered distribution: frequencies match it, excluded tokens never appear."""
+
+import torch
+
+from openglm.infer.sampling import SamplingParams, sample
+
+
+def test_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    logits = probs.log().expand(20000, 5).clone()
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logits, SamplingParams(temperature=1.0), g), minlength=5).float()
+    freq = counts / counts.sum()
+    assert counts[1] == 0 and counts[4] == 0  # zero probability: never drawn, also not the last token
+    assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def test_top_k_and_top_p_exclude_tokens_and_seed_repeats():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).expand(5000, 5).clone()
+    for params, allowed in ((SamplingParams(top_k=2), {0, 1}), (SamplingParams(top_p=0.5), {0})):
+        drawn = sample(logits, params, torch.Generator().manual_seed(1))
+        assert set(drawn.tolist()) == allowed
+    a = sample(logits[:50], SamplingParams(), torch.Generator().manual_seed(7))
+    b = sample(logits[:50], SamplingParams(), torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and len(set(a.tolist())) > 1
