@@ -1,9 +1,12 @@
 """Decode and prefill speed of openglm versus transformers on the same random GLM-4 weights.
 
-    python bench/decode.py [--config glm-4-100m] [--new-tokens 128] [--prompt 512] [--repeats 3]
+    python bench/decode.py [--config glm-4-100m] [--new-tokens 128] [--prompt 512] [--repeats 3] [--batch 1,4]
 
-Both run fp32 on the CPU with the same thread count. The two are measured alternately, repeats
-times, and the median of each is reported, so a busy machine slows both alike.
+Both run fp32 on the CPU with the same thread count. Every configuration is measured in turn,
+repeats times, and the median of each is reported, so a busy machine slows all alike. openglm
+decodes eagerly and with its compiled decode step (``compile=True``; compiled once before timing).
+Decode speed is also given as a fraction of the bandwidth bound: a decode step reads every weight
+once, so steps/s <= memory read bandwidth (bench/bandwidth.py) / bytes of weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from openglm import Config, GLMForCausalLM, SamplingParams, save_model  # noqa: E402
 from openglm.data.tokenizer import Tokenizer as GLMTokenizer  # noqa: E402
 from openglm.infer.generate import generate_steps  # noqa: E402
+
+from bandwidth import measure_bandwidth  # noqa: E402
 
 
 def word_tokenizer(vocab_size: int) -> GLMTokenizer:
@@ -45,6 +50,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=512, help="prompt length for the prefill measurement")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", default="1,4", help="batch sizes for openglm decode (transformers: batch 1)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -59,16 +65,20 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "m").eval()
     tok = word_tokenizer(config.vocab_size)
     n = args.new_tokens
-    short = torch.randint(0, config.vocab_size, (1, 16))
+    batches = [int(b) for b in args.batch.split(",")]
+    short = torch.randint(0, config.vocab_size, (max(batches), 16))
     long = torch.randint(0, config.vocab_size, (1, args.prompt))
     greedy = SamplingParams(max_new_tokens=n, temperature=0)
 
-    def ours_decode():
-        steps = sum(1 for _ in generate_steps(ours, tok, [short[0].tolist()], greedy))
-        assert steps == n
+    def ours_decode(batch, compile):
+        def run():
+            steps = sum(1 for _ in generate_steps(ours, tok, short[:batch].tolist(), greedy, compile=compile))
+            assert steps == batch * n
+        return run
 
     def hf_decode():
-        out = hf.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = hf.generate(short[:1], attention_mask=torch.ones_like(short[:1]), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False)
         assert out.shape[1] == short.shape[1] + n
 
     def ours_prefill():
@@ -78,26 +88,39 @@ def main() -> None:
         hf(long, use_cache=True, logits_to_keep=1)
 
     # Prefill is measured apart from decode: generate() times include one short prefill.
+    runs = {"hf_decode": hf_decode, "ours_prefill": ours_prefill, "hf_prefill": hf_prefill}
+    for b in batches:
+        runs[f"eager_b{b}"] = ours_decode(b, False)
+        runs[f"compiled_b{b}"] = ours_decode(b, True)
     with torch.inference_mode():
-        ours_decode(), hf_decode(), ours_prefill(), hf_prefill()  # warm-up
-        times = {k: [] for k in ("ours_decode", "hf_decode", "ours_prefill", "hf_prefill")}
+        for fn in runs.values():  # warm-up, and the compilations
+            fn()
+        times = {k: [] for k in runs}
         for _ in range(args.repeats):
-            for name, fn in (("ours_decode", ours_decode), ("hf_decode", hf_decode),
-                             ("ours_prefill", ours_prefill), ("hf_prefill", hf_prefill)):
+            for name, fn in runs.items():
                 times[name] += timed(fn, 1)
+    bandwidth = measure_bandwidth()
     med = {k: statistics.median(v) for k, v in times.items()}
-    dec_o, dec_h = n / med["ours_decode"], n / med["hf_decode"]
-    pre_o, pre_h = args.prompt / med["ours_prefill"], args.prompt / med["hf_prefill"]
     weights = sum(p.numel() * p.element_size() for p in ours.parameters()) - ours.model.embed_tokens.weight.nbytes
+    bound = bandwidth / weights  # decode steps/s if weights streamed at the measured bandwidth
+    dec_h = n / med["hf_decode"]
+    pre_o, pre_h = args.prompt / med["ours_prefill"], args.prompt / med["hf_prefill"]
 
     print(f"config {args.config}: {config.num_parameters / 1e6:.1f}M parameters, fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print("| measurement | openglm | transformers | ratio |")
-    print("|---|---|---|---|")
-    print(f"| greedy decode, batch 1, {n} new tokens (tokens/s) | {dec_o:.1f} | {dec_h:.1f} | {dec_o / dec_h:.2f}x |")
-    print(f"| prefill, {args.prompt}-token prompt (tokens/s) | {pre_o:.0f} | {pre_h:.0f} | {pre_o / pre_h:.2f}x |")
-    print(f"weights read per decoded token: {weights / 2**20:.0f} MiB -> openglm decode moves "
-          f"{weights * dec_o / 1e9:.1f} GB/s of weights")
+    print(f"weights read per decode step: {weights / 2**20:.0f} MiB; memory read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"-> bound {bound:.1f} steps/s")
+    print("| measurement | openglm | transformers | ratio | of bandwidth bound |")
+    print("|---|---|---|---|---|")
+    for b in batches:
+        for kind in ("eager", "compiled"):
+            steps = n / med[f"{kind}_b{b}"]
+            ratio = f"{steps / dec_h:.2f}x" if b == 1 else ""
+            hf_cell = f"{dec_h:.1f}" if b == 1 else ""
+            print(f"| greedy decode {kind}, batch {b}, {n} new tokens (tokens/s) | {b * steps:.1f} | {hf_cell} | {ratio} "
+                  f"| {steps / bound:.0%} |")
+    print(f"| prefill, {args.prompt}-token prompt (tokens/s) | {pre_o:.0f} | {pre_h:.0f} | {pre_o / pre_h:.2f}x | |")
+    print(f"transformers decode, batch 1: {dec_h / bound:.0%} of the bandwidth bound")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     if not args.no_echo:
         sys.stdout.write(prompt)
-    for piece in stream(model, prompt, tokenizer=tok, params=params):
+    for piece in stream(model, prompt, tokenizer=tok, params=params, compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -67,6 +67,8 @@ def register(sub) -> None:
     p.add_argument("prompt", help="the prompt text ('-' reads standard input)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a slow first compile")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 

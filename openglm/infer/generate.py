@@ -6,6 +6,7 @@ the same index each step, while its own position ids count from its first real t
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OpenGLMError
+from ..model.glm import use_decode_layout
 from .sampling import SamplingParams, sample
 
 MASK_TOKENS = ("[MASK]", "[sMASK]", "[gMASK]")
@@ -29,39 +31,55 @@ class Step:
 
 
 class _Detokenizer:
-    """Turns a row's tokens into text deltas: holds back half-decoded UTF-8 and possible stop-string starts."""
+    """Turns a row's tokens into text deltas: holds back half-decoded UTF-8 and possible stop-string starts.
+
+    Each token costs O(1) decoding, not O(row): only a window ``ids[start:]`` is decoded, the new
+    tokens plus a few before them as context (so rules at token boundaries, like a word's leading
+    space, come out as in a decode of the whole row). ``done`` characters of the window's text have
+    already moved to ``pending``, the text decoded but not yet handed out.
+    """
+
+    CONTEXT = 4  # tokens of context kept at the start of the window
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.start = 0
+        self.done = 0
+        self.pending = ""
+
+    def _decode_new(self, final: bool) -> None:
+        """Move the window's new text to ``pending``, all but an incomplete trailing character unless ``final``."""
+        text = self.tokenizer.decode(self.ids[self.start:])
+        complete = final or not text.endswith("\ufffd")
+        safe = len(text) if complete else len(text.rstrip("\ufffd"))
+        if safe > self.done:
+            self.pending += text[self.done:safe]
+            self.done = safe
+        if complete and len(self.ids) - self.start > self.CONTEXT:  # slide the window, keeping context
+            self.start = len(self.ids) - self.CONTEXT
+            self.done = len(self.tokenizer.decode(self.ids[self.start:]))
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add ``token``; returns (new text, whether a stop string was reached)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self._decode_new(final=False)
+        hits = [at for s in self.stop_strings if (at := self.pending.find(s)) != -1]
+        if hits:
+            delta, self.pending = self.pending[:min(hits)], ""
+            return delta, True
+        hold = 0  # keep back a tail that may grow into a stop string
         for s in self.stop_strings:
-            at = text.find(s, max(0, self.emitted - len(s) + 1))
-            if at != -1:
-                delta = text[self.emitted:at]
-                self.emitted = at
-                return delta, True
-        safe = len(text)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character
-            safe = len(text.rstrip("\ufffd"))
-        for s in self.stop_strings:  # keep back a tail that may grow into a stop string
-            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
-                if text[safe - k:safe] == s[:k]:
-                    safe -= k
-                    break
-        delta = text[self.emitted:safe]
-        self.emitted = max(self.emitted, safe)
+            hold = max(hold, next((k for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                                   if self.pending.endswith(s[:k])), 0))
+        cut = len(self.pending) - hold
+        delta, self.pending = self.pending[:cut], self.pending[cut:]
         return delta, False
 
     def flush(self) -> str:
         """Whatever was held back, once the row ends without a stop string."""
-        text = self.tokenizer.decode(self.ids)
-        delta, self.emitted = text[self.emitted:], len(text)
+        self._decode_new(final=True)
+        delta, self.pending = self.pending, ""
         return delta
 
 
@@ -95,12 +113,35 @@ def _positions(model, pos: torch.Tensor, block: torch.Tensor | None = None) -> t
     return torch.stack((pos, torch.zeros_like(pos) if block is None else block), dim=1)
 
 
+def _decode_step(model, tokens: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """Logits ``[B, vocab]`` for one new token per row, ``tokens [B, 1]``, over a ``StaticKVCache``.
+
+    ``mask [B, 1, 1, max_length]`` marks the cache slots each row may see; the caller sets
+    ``cache.slots`` and advances ``cache.length``. Every step has the same shapes, so a compiled
+    step is traced once and serves the whole generation.
+    """
+    return model.lm_head(model.model(tokens, position_ids, mask, cache)[:, -1])
+
+
+@functools.cache
+def _compiled_decode_step():
+    # One compiled function per process; inductor specialises it per model and batch size.
+    # freezing: under inference mode the weights become constants that inductor may prepack.
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options={"freezing": True})
+
+
 @torch.inference_mode()
-def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Step]:
-    """Generate for a batch of token-id prompts, yielding each token as it is chosen."""
+def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                   compile: bool = False) -> Iterator[Step]:
+    """Generate for a batch of token-id prompts, yielding each token as it is chosen.
+
+    ``compile=True`` runs each decode step as one ``torch.compile``d graph over a static KV cache:
+    faster once compiled, but the first call takes a while to compile (the prefill stays eager).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise OpenGLMError("every prompt needs at least one token")
-    device = model.lm_head.weight.device
+    use_decode_layout(model)  # same values and state dict, faster one-row matmuls
+    device = model.model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + params.max_new_tokens
     if total > model.config.max_position_embeddings:
@@ -122,8 +163,14 @@ def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: S
         generator = torch.Generator(device=device).manual_seed(params.seed)
     seen = ids if params.repetition_penalty != 1.0 else None
 
-    cache = model.new_cache(B, total)
-    logits = model(ids, _positions(model, pos), keys[:, :P] if padded else None, cache, logits_to_keep=1)[:, -1]
+    cache = model.new_cache(B, total, static=compile)
+    if compile:  # the prefill writes slots 0..P-1 and sees all `total` slots, masked by `keys`
+        cache.slots = torch.arange(P, device=device)
+        logits = model(ids, _positions(model, pos), keys, cache, logits_to_keep=1)[:, -1]
+        cache.slots = torch.zeros(1, dtype=torch.long, device=device)  # then one slot per step, set in place
+        step_fn = _compiled_decode_step()
+    else:
+        logits = model(ids, _positions(model, pos), keys[:, :P] if padded else None, cache, logits_to_keep=1)[:, -1]
     next_pos = pos[:, -1:] + 1
     detoks = [_Detokenizer(tokenizer, params.stop_strings) for _ in range(B)]
     active = [True] * B
@@ -147,7 +194,13 @@ def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: S
         keys[:, P + step] = True
         if seen is not None:
             seen = torch.cat((seen, tokens[:, None]), dim=1)
-        logits = model(tokens[:, None], _positions(model, next_pos), keys[:, :P + step + 1] if padded else None, cache)[:, -1]
+        if compile:
+            cache.slots.fill_(P + step)
+            logits = step_fn(model, tokens[:, None], _positions(model, next_pos), keys[:, None, None], cache)
+            cache.length += 1
+        else:
+            logits = model(tokens[:, None], _positions(model, next_pos), keys[:, :P + step + 1] if padded else None,
+                           cache)[:, -1]
         next_pos = next_pos + 1
 
 
@@ -157,12 +210,14 @@ def _params(params: SamplingParams | None, kwargs) -> SamplingParams:
     return params or SamplingParams(**kwargs)
 
 
-def generate(model, prompt: str | Sequence[str], tokenizer=None, params: SamplingParams | None = None, **sampling):
+def generate(model, prompt: str | Sequence[str], tokenizer=None, params: SamplingParams | None = None,
+             compile: bool = False, **sampling):
     """Complete ``prompt`` (a string, or a list of strings generated as one batch).
 
     ``model`` is a loaded model or a checkpoint path / bundled name (then the tokenizer comes from
     the same place). Sampling keywords: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_k``,
     ``top_p``, ``repetition_penalty``, ``seed``, ``stop_token_ids``, ``stop_strings``.
+    ``compile=True`` compiles the decode step (see ``generate_steps``).
     Returns the generated text (without the prompt), or a list of them.
     """
     model, tokenizer = _resolve(model, tokenizer)
@@ -171,18 +226,19 @@ def generate(model, prompt: str | Sequence[str], tokenizer=None, params: Samplin
     prompts = [prompt] if single else list(prompt)
     out = [""] * len(prompts)
     if params.max_new_tokens:
-        for step in generate_steps(model, tokenizer, [tokenizer.encode(p) for p in prompts], params):
+        for step in generate_steps(model, tokenizer, [tokenizer.encode(p) for p in prompts], params, compile):
             out[step.row] += step.text
     return out[0] if single else out
 
 
-def stream(model, prompt: str, tokenizer=None, params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+def stream(model, prompt: str, tokenizer=None, params: SamplingParams | None = None, compile: bool = False,
+           **sampling) -> Iterator[str]:
     """Like ``generate`` for one prompt, yielding the text piece by piece as it is generated."""
     model, tokenizer = _resolve(model, tokenizer)
     params = _params(params, sampling)
     if not params.max_new_tokens:
         return
-    for step in generate_steps(model, tokenizer, [tokenizer.encode(prompt)], params):
+    for step in generate_steps(model, tokenizer, [tokenizer.encode(prompt)], params, compile):
         if step.text:
             yield step.text
 
@@ -213,7 +269,7 @@ def infill(model, text: str, tokenizer=None, params: SamplingParams | None = Non
     total = A + len(blanks) * (params.max_new_tokens + 1)
     if total > model.config.max_position_embeddings:
         raise OpenGLMError(f"text ({A} tokens) + {len(blanks)} blanks x max_new_tokens exceeds the model's positions")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     sop, eop = tokenizer.token_id("<sop>"), tokenizer.token_id("<eop>")
     stop_ids = _stop_ids(model, tokenizer, params) | {eop}
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None

@@ -41,3 +41,24 @@ class KVCache(nn.Module):
         """Keep only the batch rows ``rows`` (e.g. after some sequences finished)."""
         self.k = self.k[:, rows].contiguous()
         self.v = self.v[:, rows].contiguous()
+
+
+class StaticKVCache(KVCache):
+    """A ``KVCache`` whose ``update`` keeps every shape fixed, so one compiled decode step serves all steps.
+
+    Before each forward the caller sets ``slots``, the cache positions ``[T]`` (a long tensor) the new
+    keys/values go to; ``update`` writes them there and returns all ``max_length`` slots. The
+    attention mask must then cover all ``max_length`` keys and hide the slots not yet written.
+    ``length`` keeps its meaning (the model's ``forward`` advances it; a caller that runs the
+    decoder directly advances it itself).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = torch.zeros(1, dtype=torch.long, device=self.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v [B, K, T, D]`` at ``slots`` and return all keys/values ``[B, K, max_length, D]``."""
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]

@@ -1,0 +1,21 @@
+"""The compiled decode step (static cache, one graph for every step) picks the tokens eager decoding picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openglm import SamplingParams, load_model
+from openglm.infer.generate import generate_steps
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_checkpoint, tokenizer):
+    torch._dynamo.reset()
+    model = load_model(tiny_checkpoint)
+    prompts = [tokenizer.encode("The General Language Model"), tokenizer.encode("通用")]  # left-padded batch
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    eager = [(s.row, s.token, s.text) for s in generate_steps(model, tokenizer, prompts, params)]
+    compiled = [(s.row, s.token, s.text) for s in generate_steps(model, tokenizer, prompts, params, compile=True)]
+    assert compiled == eager
+    assert len(eager) > 2
