@@ -103,6 +103,10 @@ def cmd_eval(args) -> int:
     docs, items = _read_data(args)
     results = [_evaluate(name, docs, items, args) for name in [args.model, *args.compare]]
     print(table(results))
+    if args.compare:
+        from .report import relative_table
+
+        print("\nChange versus " + args.model + ":\n\n" + relative_table(results))
     if docs:
         first_token = ("each document starts from <|endoftext|>, so its first token is predicted too"
                        if all(r["bos"] for r in results) else
@@ -111,6 +115,10 @@ def cmd_eval(args) -> int:
               "bits/char = total NLL in bits / characters of the documents.")
     if args.json:
         atomic_write_text(args.json, json.dumps(results if args.compare else results[0], indent=2) + "\n")
+    if args.plot:
+        from .report import plot_compare
+
+        print(f"plot: {plot_compare(results, args.plot)}")
     return 0
 
 
@@ -143,5 +151,8 @@ def register(sub) -> None:
                    help="weights dtype (default: as recorded in the checkpoint)")
     p.add_argument("--json", default=None, metavar="OUT",
                    help="write all figures as JSON (a list of per-model objects with --compare)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="save a figure (.png/.svg/.pdf) of perplexity change versus MODEL and accuracy per model "
+                        "(needs matplotlib, the `eval` extra)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

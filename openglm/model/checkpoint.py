@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..config import Config
 from ..errors import OpenGLMError
 from ..paths import resolve_checkpoint
+from ..quant.quantize import QuantScheme, build_quantized
 from ..utils import fsync_dir
 from .glm import GLMForCausalLM
 
@@ -95,15 +96,21 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
 
     Returns a ``GLMForCausalLM`` in eval mode whose call ``model(input_ids)`` gives logits
     ``[batch, seq, vocab]``. ``dtype`` casts floating-point weights; by default they load in the
-    ``torch_dtype`` of ``config.json`` (as stored when it has none).
+    ``torch_dtype`` of ``config.json`` (as stored when it has none). A quantized checkpoint (its
+    scheme is in the safetensors metadata, see ``openglm.quant``) loads with its quantized modules.
     """
     directory = checkpoint_dir(path_or_name)
     config = Config.from_file(directory)
     if dtype is None:
         dtype = _recorded_dtype(directory)
-    state, _ = read_safetensors(weight_files(directory), dtype)
+    state, metadata = read_safetensors(weight_files(directory), dtype)
+    scheme = QuantScheme.from_metadata(metadata)
+    if scheme is not None and torch.device(device).type != "cpu":
+        raise OpenGLMError(f"{directory} is quantized ({scheme.label}); quantized models run on the CPU only")
     with torch.device("meta"):
         model = GLMForCausalLM(config)
+        if scheme is not None:  # quantized modules to load the stored integer weights into
+            build_quantized(model, scheme)
     check_state_dict(model, state, directory)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
@@ -147,10 +154,11 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
     config = model.config
     state = {k: v.detach().to(storage_dtype if storage_dtype and v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    model_dtype = next(n for n, d in _DTYPES.items() if d == model.lm_head.weight.dtype)
+    model_dtype = next(n for n, d in _DTYPES.items() if d == model.model.norm.weight.dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    meta = {"format": "pt", **(metadata or {})}
+    scheme = getattr(model, "quantization", None)
+    meta = {"format": "pt", **(scheme.to_metadata() if scheme else {}), **(metadata or {})}
 
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:

@@ -57,6 +57,12 @@ def cmd_convert(args) -> int:
         out = convert_chatglm(args.source, args.output)
         print(f"wrote {out}")
         return 0
+    if args.to == "gguf":
+        from ..quant.gguf import export_gguf
+
+        out = export_gguf(args.source, args.output, args.gguf_type)
+        print(f"wrote {out} ({args.gguf_type}, {out.stat().st_size / 2**20:,.1f} MiB)")
+        return 0
     raise OpenGLMError(f"unknown target format {args.to!r}")
 
 
@@ -67,8 +73,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
-                       description="Convert SOURCE (a ChatGLM2/3 safetensors checkpoint) into the Hugging Face glm layout openglm uses.")
-    p.add_argument("source", help="checkpoint directory")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--to", default="hf", choices=["hf"], help="target layout")
+                       description="Convert SOURCE (a ChatGLM2/3 safetensors checkpoint) into the Hugging Face glm layout "
+                                   "openglm uses (--to hf), or an openglm GLM-4 (glm4) checkpoint into one GGUF file "
+                                   "for llama.cpp (--to gguf).")
+    p.add_argument("source", help="checkpoint directory (or bundled name, for --to gguf)")
+    p.add_argument("-o", "--output", required=True, help="output directory (hf) or file (gguf)")
+    p.add_argument("--to", default="hf", choices=["hf", "gguf"], help="target layout")
+    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="GGUF: type of the weight matrices (default f16; norms and biases stay f32)")
     p.set_defaults(func=cmd_convert)

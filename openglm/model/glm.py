@@ -249,7 +249,7 @@ class GLMForCausalLM(nn.Module):
 
         ``static=True`` gives a ``StaticKVCache`` (fixed shapes, for a compiled decode step).
         """
-        w = self.model.embed_tokens.weight
+        w = self.model.norm.weight  # never quantized: the activations' dtype and device
         c = self.config
         return (StaticKVCache if static else KVCache)(c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim,
                                                       dtype=dtype or w.dtype, device=device or w.device)

@@ -246,7 +246,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.model_name = model_name or getattr(model, "name_or_path", None) or config.name
         self.steps = 0  # engine steps run so far
-        weight = model.model.embed_tokens.weight  # never quantized: the cache's dtype and device
+        weight = model.model.norm.weight  # never quantized: the cache's dtype and device
         self._device = weight.device
         self._cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
                                   config.head_dim, dtype=weight.dtype, device=weight.device)

@@ -1,0 +1,129 @@
+"""Export a GLM-4 (``glm4``) checkpoint to GGUF for llama.cpp, with the ``gguf`` package.
+
+Tensor names come from ``gguf``'s own map for llama.cpp's ``glm4`` architecture (the one
+``convert_hf_to_gguf.py`` uses); GLM rotates interleaved pairs, which is llama.cpp's "normal" rope
+for ``glm4``, so query/key weights need no permutation. The tokenizer is written as a GPT-2 style
+byte-level BPE (tokens, merges, token types, special ids by name); its pre-tokenizer split is the
+one llama.cpp calls ``qwen2`` (letters, single digits, punctuation runs), which ours equals.
+Weight matrices are stored as ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (``gguf.quants``); norms and
+biases stay ``f32`` as llama.cpp expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OpenGLMError
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# Pre-tokenizer name llama.cpp knows for our split regex (see the module docstring).
+TOKENIZER_PRE = "qwen2"
+
+
+def _tokenizer_metadata(writer, directory: Path, vocab_size: int) -> None:
+    """Tokenizer keys; a model with more embedding rows than tokens gets ``[PAD{i}]`` placeholders."""
+    import gguf
+
+    from ..data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(directory)
+    hf = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    model = hf["model"]
+    if model.get("type") != "BPE" or hf.get("normalizer") is not None:
+        raise OpenGLMError("GGUF export handles byte-level BPE tokenizers without a normalizer")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens", [])}}
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise OpenGLMError("the tokenizer's ids are not contiguous; GGUF needs one token per id")
+    if len(vocab) > vocab_size:
+        raise OpenGLMError(f"the tokenizer has {len(vocab)} tokens, more than the model's {vocab_size}")
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {t["id"] for t in hf.get("added_tokens", []) if t.get("special")}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    padding = range(len(tokens), vocab_size)
+    tokens += [f"[PAD{i}]" for i in padding]
+    types += [gguf.TokenType.UNUSED] * len(padding)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    eos = tok.token_id("<|endoftext|>")
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(eos)
+    writer.add_eot_token_id(tok.token_id("<|user|>"))
+    writer.add_add_bos_token(False)
+
+
+def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -> Path:
+    """Write checkpoint ``source`` (a full-precision ``glm4`` checkpoint with its tokenizer) to the
+    GGUF file ``output``, weight matrices as ``out_type`` (one of ``GGUF_TYPES``). Returns the path."""
+    import gguf
+    import torch
+
+    from ..model.checkpoint import checkpoint_dir, load_model
+
+    if out_type not in GGUF_TYPES:
+        raise OpenGLMError(f"unknown GGUF type {out_type!r} (known: {', '.join(GGUF_TYPES)})")
+    directory = checkpoint_dir(source)
+    model = load_model(directory, dtype=torch.float32)
+    c = model.config
+    if getattr(model, "quantization", None) is not None:
+        raise OpenGLMError(f"{directory} is quantized ({model.quantization.label}); export the full-precision "
+                           "checkpoint and choose --gguf-type q8_0 or q4_0 instead")
+    if not c.post_norms or c.position_encoding_2d:
+        raise OpenGLMError("GGUF export handles the GLM-4-0414 (`glm4`) architecture only")
+    if not (directory / "tokenizer.json").is_file():
+        raise OpenGLMError(f"no tokenizer.json in {directory}; GGUF files carry their tokenizer")
+
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    arch = gguf.MODEL_ARCH.GLM4
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(c.name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.rotary_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    qtype = getattr(gguf.GGMLQuantizationType, out_type.upper())
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[out_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer_metadata(writer, directory, c.vocab_size)
+
+    names = gguf.get_tensor_name_map(arch, c.num_layers)
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight")  # llama.cpp reuses token_embd when there is no output tensor
+    for name, t in state.items():
+        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise OpenGLMError(f"no GGUF name for tensor {name}")
+        data = t.detach().float().numpy()
+        if data.ndim == 1:
+            writer.add_tensor(new_name, data)  # norms and biases: f32
+        elif out_type == "f16":
+            writer.add_tensor(new_name, data.astype(np.float16))
+        elif out_type == "f32":
+            writer.add_tensor(new_name, data)
+        else:
+            writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, output)  # a crash never leaves a half-written file under the final name
+    return output

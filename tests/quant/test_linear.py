@@ -1,0 +1,110 @@
+"""Quantized modules: the portable format, the packed CPU kernels, and exact state-dict round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from openglm.errors import OpenGLMError
+from openglm.quant.linear import (QuantEmbedding, QuantLinear, dequantize, pack_nibbles, quantize_int4, quantize_int8,
+                                  unpack_nibbles)
+
+
+def _linear(n=48, k=64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_()
+    return lin
+
+
+def test_nibbles_round_trip_and_order():
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.tolist() == [[1 | 2 << 4, 15]]  # even column in the low nibble
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+def test_int8_per_channel_error_bound():
+    w = torch.randn(16, 64)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (16,) and scale.dtype == torch.bfloat16
+    err = (dequantize(q, scale, None, 8, None) - w).abs()
+    assert (err <= scale.float()[:, None] / 2 + 1e-6).all()  # at most half a step per row
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_groups_error_bound(symmetric):
+    w = torch.randn(16, 64)
+    q, scale, zero = quantize_int4(w, 32, symmetric)
+    assert q.shape == (16, 32) and scale.shape == (16, 2) and (zero is None) == symmetric
+    deq = dequantize(q, scale, zero, 4, 32)
+    step = scale.float().abs().repeat_interleave(32, dim=1)
+    # half a step, except that q4_0-style symmetric groups clip the side opposite the extreme at +7 steps
+    assert ((deq - w).abs() <= step * (1 if symmetric else 0.5) + 1e-5).all()
+    if symmetric:  # q4_0 style: the largest magnitude of each group is exact (level -8)
+        g = w.view(16, 2, 32)
+        extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+        assert torch.allclose(deq.view(16, 2, 32).gather(-1, g.abs().argmax(-1, keepdim=True)), extreme, rtol=1e-2)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 32, False), (4, 64, True)])
+def test_quant_linear_matches_dequantized_weights(bits, group, symmetric):
+    lin = _linear()
+    ql = QuantLinear.from_linear(lin, bits, group, symmetric)
+    state = ql.state_dict()
+    w = dequantize(state["weight"], state["weight_scale"], state.get("weight_zero"), bits, group)
+    x = torch.randn(3, 5, 64)
+    expected = x.bfloat16().float() @ w.t() + lin.bias
+    y = ql(x)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    assert torch.allclose(y, expected, atol=0.15, rtol=0.02)  # bf16 accumulation
+    # and close to the float layer
+    rel = (y - lin(x)).norm() / lin(x).norm()
+    assert rel < (0.02 if bits == 8 else 0.15)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_state_dict_is_the_portable_form_exactly(symmetric):
+    lin = _linear()
+    q, scale, zero = quantize_int4(lin.weight.detach(), 32, symmetric)
+    ql = QuantLinear.from_linear(lin, 4, 32, symmetric)
+    assert ql.packed and ql.weight_scale is None  # runtime holds only the kernel layout
+    state = ql.state_dict()
+    assert torch.equal(state["weight"], q) and torch.equal(state["weight_scale"], scale)
+    if not symmetric:
+        assert torch.equal(state["weight_zero"], zero)
+    # loading into an already packed module repacks and computes the same
+    other = QuantLinear.from_linear(_linear(seed=1), 4, 32, symmetric)
+    other.load_state_dict(state)
+    x = torch.randn(2, 64)
+    assert torch.equal(other(x), ql(x))
+
+
+def test_meta_build_then_assign_load():
+    ql = QuantLinear.from_linear(_linear(), 4, 32, True)
+    state = ql.state_dict()
+    with torch.device("meta"):
+        empty = QuantLinear(64, 48, True, 4, 32, True)
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    empty.load_state_dict(state, assign=True)
+    x = torch.randn(4, 64)
+    assert torch.equal(empty(x), ql(x))
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_quant_embedding_dequantizes_rows(bits, group):
+    emb = nn.Embedding(20, 64)
+    qe = QuantEmbedding.from_embedding(emb, bits, group)
+    ids = torch.tensor([[0, 5, 19]])
+    out = qe(ids)
+    assert out.shape == (1, 3, 64) and out.dtype == torch.float32
+    assert torch.allclose(out, emb(ids), atol=0.05 if bits == 8 else 0.5)
+
+
+def test_shapes_the_kernels_cannot_take_are_refused():
+    with pytest.raises(OpenGLMError, match="group size"):
+        QuantLinear.from_linear(_linear(k=48), 4, 32)
+    with pytest.raises(OpenGLMError, match="multiple of 16"):
+        QuantLinear.from_linear(_linear(n=40), 4, 32)
