@@ -15,11 +15,16 @@ from .errors import OpenGLMError
 
 VERB_MODULES = [
     "openglm.infer.cli",
+    "openglm.infer.chat_cli",
     "openglm.data.tokenizer_cli",
     "openglm.data.prepare",
     "openglm.model.cli",
     "openglm.train.cli",
+    "openglm.train.finetune_cli",
     "openglm.eval.cli",
+    "openglm.quant.cli",
+    "openglm.serve.cli",
+    "openglm.serve.admin_cli",
 ]
 
 
