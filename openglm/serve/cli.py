@@ -7,13 +7,6 @@ import sys
 import threading
 
 DEFAULT_MODEL = "glm-tiny-chat"
-FALLBACK_MODEL = "glm-tiny"  # served when the chat model is not bundled
-
-
-def _default_model() -> str:
-    from ..paths import bundled_names
-
-    return DEFAULT_MODEL if DEFAULT_MODEL in bundled_names() else FALLBACK_MODEL
 
 
 def _examples(base: str, model: str, secret: str) -> str:
@@ -36,7 +29,7 @@ def cmd_serve(args) -> int:
     from .app import attach_model, create_app
     from .store import Store
 
-    source = args.model or _default_model()
+    source = args.model or DEFAULT_MODEL
     directory = checkpoint_dir(source)  # a bad name fails here, before the server starts
     name = args.served_model_name or directory.name
     store = Store(args.db)
@@ -98,8 +91,7 @@ def register(sub) -> None:
                                    "API keys, balances and rate limits in the database. On an empty database "
                                    "it creates a demo account and prints its key.")
     p.add_argument("--model", default=None,
-                   help=f"checkpoint directory or bundled name (default: {DEFAULT_MODEL}, "
-                        f"or {FALLBACK_MODEL} if that is not bundled)")
+                   help=f"checkpoint directory or bundled name (default: {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
