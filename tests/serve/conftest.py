@@ -113,3 +113,14 @@ def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'openglm.db'}"
     return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Serving tests share the machine with the server they start: one torch thread each."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,16 +7,7 @@ import struct
 
 import httpx
 import pytest
-import torch
 from live_server import serving, sse_events
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ PROMPTS = ["The General", "通用语言模型通过自回归", "Numbers like 202
            "It"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return load_model(tiny_checkpoint)

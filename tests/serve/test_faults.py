@@ -7,18 +7,9 @@ import time
 
 import httpx
 import pytest
-import torch
 from live_server import ServerProcess, serving
 
 PROMPT = "The General Language Model"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def wait_settled(store, account_id, timeout: float = 20) -> None:

@@ -8,14 +8,6 @@ import torch
 from live_server import serving
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def live(tiny_checkpoint, tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'openai.db'}"
