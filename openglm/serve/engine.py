@@ -388,6 +388,8 @@ class Engine:
         self._reap(now)
         self._admit(now)
         self._prefill()
+        if self._outbox:  # first tokens go out now, not after the batch's decode forward
+            self._flush()
         self._decode()
         self.steps += 1
 
