@@ -12,6 +12,29 @@ openglm.load_model). Under torchrun the same command trains data-parallel (--par
 --batch-size is then the global number of rows per micro-batch."""
 
 
+def settings_option(parser, defaults):
+    """``option(flag, help, **kwargs)``: adds a flag whose default is the ``defaults`` field of the same name."""
+
+    def option(flag, help, **kwargs):
+        field = flag.lstrip("-").replace("-", "_")
+        parser.add_argument(flag, default=getattr(defaults, field), help=f"{help} (default %(default)s)", **kwargs)
+
+    return option
+
+
+def add_optimizer_options(parser, option, rows: str) -> None:
+    """The steps, batch and optimizer flags pretraining and fine-tuning share; ``rows`` names what a row holds."""
+    option("--steps", "optimizer steps in all", type=int)
+    option("--batch-size", f"{rows} per micro-batch, over all processes", type=int)
+    option("--seq-len", "tokens per row", type=int)
+    option("--grad-accum", "micro-batches per optimizer step", type=int)
+    option("--lr", "peak learning rate", type=float)
+    parser.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
+    option("--warmup", "linear warmup steps", type=int)
+    option("--weight-decay", "AdamW decay of matrices and embeddings", type=float)
+    option("--clip", "gradient norm clip, 0 for none", type=float)
+
+
 def register(subparsers) -> None:
     from .settings import PretrainSettings
 
@@ -19,34 +42,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="pretrain a GLM on prepared token shards", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def option(flag, help, **kwargs):
-        """A flag whose default is the ``PretrainSettings`` field of the same name."""
-        field = flag.lstrip("-").replace("-", "_")
-        p.add_argument(flag, default=getattr(d, field), help=f"{help} (default %(default)s)", **kwargs)
+    option = settings_option(p, d)
 
     p.add_argument("--config", required=True, help="config name (see `openglm info`), e.g. glm-tiny")
     p.add_argument("--data", required=True, metavar="DIR", help="directory from `openglm data prepare` (train/, val/)")
     p.add_argument("--tokenizer", metavar="PATH_OR_NAME",
                    help="tokenizer the data was made with (default: the one stored with the data)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
-    option("--steps", "optimizer steps in all", type=int)
-    option("--batch-size", "rows per micro-batch, over all processes", type=int)
-    option("--seq-len", "tokens per row", type=int)
-    option("--grad-accum", "micro-batches per optimizer step", type=int)
-    option("--lr", "peak learning rate", type=float)
-    p.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
-    option("--warmup", "linear warmup steps", type=int)
-    option("--weight-decay", "AdamW decay of matrices and embeddings", type=float)
-    option("--clip", "gradient norm clip, 0 for none", type=float)
+    add_optimizer_options(p, option, rows="rows")
     option("--objective", "weights of GLM's token, sentence and document blanks and of plain causal LM")
     option("--mask-ratio", "share of tokens blanked by token and sentence spans", type=float)
     p.add_argument("--no-eos", dest="append_eos", action="store_false", help="do not end documents with <|endoftext|>")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay fp32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in backward")
     option("--emb-shrink", "GLM-130B embedding gradient shrink, 0.1 there; 1 is off", type=float, metavar="ALPHA")
-    option("--eval-every", "steps between validation losses", type=int)
+    option("--eval-every", "steps between validation losses, 0 for the end only", type=int)
     option("--eval-batches", "validation batches, the same every time", type=int)
-    option("--save-every", "steps between checkpoints", type=int)
+    option("--save-every", "steps between checkpoints, 0 for the end only", type=int)
     p.add_argument("--keep-previous", action="store_true", help="keep the one before the last as checkpoint.prev")
     option("--log-every", "steps between metrics lines", type=int)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .cli import add_optimizer_options, settings_option
+
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
 
 DESCRIPTION = """\
@@ -73,25 +75,14 @@ def register(subparsers) -> None:
                               usage="%(prog)s MODEL --data TRAIN.jsonl -o RUN_DIR [options]\n"
                                     "       %(prog)s merge RUN_DIR -o OUT")
 
-    def option(flag, help, **kwargs):
-        """A flag whose default is the ``FinetuneSettings`` field of the same name."""
-        field = flag.lstrip("-").replace("-", "_")
-        p.add_argument(flag, default=getattr(d, field), help=f"{help} (default %(default)s)", **kwargs)
+    option = settings_option(p, d)
 
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or bundled name; or the word `merge`")
     p.add_argument("run", nargs="?", metavar="RUN_DIR", help=argparse.SUPPRESS)
     p.add_argument("--data", metavar="TRAIN.jsonl", help="training conversations")
     p.add_argument("--val", metavar="VAL.jsonl", help="held-out conversations for the validation loss")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (merge: output checkpoint)")
-    option("--steps", "optimizer steps in all", type=int)
-    option("--batch-size", "packed rows per micro-batch, over all processes", type=int)
-    option("--seq-len", "tokens per row", type=int)
-    option("--grad-accum", "micro-batches per optimizer step", type=int)
-    option("--lr", "peak learning rate", type=float)
-    p.add_argument("--min-lr", type=float, help="final learning rate (default: lr / 10)")
-    option("--warmup", "linear warmup steps", type=int)
-    option("--weight-decay", "AdamW decay of matrices and embeddings", type=float)
-    option("--clip", "gradient norm clip, 0 for none", type=float)
+    add_optimizer_options(p, option, rows="packed rows")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay fp32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--lora", action="store_true", help="train low-rank adapters only (peft), base weights frozen")
