@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +43,11 @@ from .loop import (
     _full_state,
     _Metrics,
     _run_settings,
-    _StopRequest,
     build_optimizer,
-    evaluate,
-    learning_rate,
-    train_step,
+    resume,
+    run_steps,
 )
-from .parallel import Distributed, all_reduce_sum, apply_activation_checkpointing, init_distributed, parallelize
+from .parallel import Distributed, apply_activation_checkpointing, init_distributed, parallelize
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune", "merge_adapter", "read_conversations",
            "tokenize_conversation", "ChatBatches", "pack_in_order"]
@@ -301,8 +297,6 @@ def _check_settings(s: FinetuneSettings, world: Distributed) -> None:
 
 
 def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
-    from tqdm import tqdm
-
     from ..data.chat import chat_template_of
     from ..data.tokenizer import load_tokenizer
     from ..model.checkpoint import checkpoint_dir, load_model
@@ -343,22 +337,13 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
 
     pad_id = tok.token_id("<|endoftext|>")
     loader = ChatBatches(train_samples, s.seq_len, pad_id, seed=s.seed)
-    step = 0
-    if found is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        model_state, optimizer_state, state = checkpointing.load_checkpoint(found)
-        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True, strict=not s.lora))
-        loader.load_state_dict(state["data"])
-        checkpointing.set_rng_state(state["rng"])
-        step = state["step"]
+    step = resume(found, module, optimizer, loader, strict=not s.lora) if found is not None else 0
     two_d = config.position_encoding_2d
     autocast = lambda: torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16)  # noqa: E731
     val_batches = _validation_batches(val_samples, s, pad_id, world, two_d) if val_samples else None
     metrics = _Metrics(run_dir / "metrics.jsonl", world.is_main, step if found is not None else None)
 
-    def save():
+    def save(step):
         model_state, optimizer_state = _full_state(module, optimizer)
         if s.lora:  # the frozen base is in the base checkpoint already
             model_state = {k: v for k, v in model_state.items() if "lora_" in k}
@@ -372,55 +357,18 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
             else:
                 _export_full(config, model_state, run_dir / MODEL, tok, base_dir, template)
 
-    def run_eval():
-        val_loss = evaluate(module, *val_batches, world, autocast)
-        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        metrics.log(record)
-        if world.is_main:
-            bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}")
-        return val_loss
+    def describe(step, loss, lr, grad_norm, steps, seconds, targets):
+        targets_per_s = targets / max(seconds, 1e-9)
+        return ({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch,
+                 "targets_per_s": targets_per_s},
+                {"loss": f"{loss:.4f}", "epoch": loader.epoch},
+                f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
+                f"{targets_per_s:,.0f} target tokens/s")
 
-    bar = tqdm(total=s.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=None if show else True)
-    loss = val_loss = None
-    interrupted = False
-    module.train()
-    with _StopRequest() as stop, bar:
-        if val_batches and found is None:
-            val_loss = run_eval()  # the starting point, to compare against
-        start_step, interval_steps, interval_seconds, interval_tokens = step, 0, 0.0, 0
-        while step < s.steps:
-            started = time.perf_counter()
-            lr = learning_rate(step, s.lr, min_lr, s.warmup, s.steps)
-            micro = [loader.next_batch(s.batch_size, world.rank, world.world_size) for _ in range(s.grad_accum)]
-            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, autocast)
-            step += 1
-            loss_sum, stop_votes = all_reduce_sum([loss_sum, float(stop.requested)], world)
-            num_targets = sum(n for _, n in micro)
-            loss = loss_sum / max(1, num_targets)
-            interval_steps, interval_seconds = interval_steps + 1, interval_seconds + time.perf_counter() - started
-            interval_tokens += num_targets
-            bar.update(1)
-
-            if step % s.log_every == 0 or step == s.steps or stop_votes:
-                targets_per_s = interval_tokens / max(interval_seconds, 1e-9)
-                interval_steps, interval_seconds, interval_tokens = 0, 0.0, 0
-                metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "epoch": loader.epoch, "targets_per_s": targets_per_s})
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=loader.epoch, refresh=False)
-                if bar.disable and world.is_main:
-                    print(f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
-                          f"{targets_per_s:,.0f} target tokens/s", file=sys.stderr, flush=True)
-            if val_batches and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-                val_loss = run_eval()
-            if stop_votes:
-                interrupted = True
-                break
-            if s.stop_after and step - start_step >= s.stop_after:
-                break
-            if s.save_every and step % s.save_every == 0 and step < s.steps:
-                save()
-        save()
+    # The held-out loss before any step is the starting point to compare against.
+    step, loss, val_loss, interrupted = run_steps(
+        s, step, module, optimizer, loader, world, two_d, autocast, min_lr, val_batches, metrics, save, describe,
+        show=show, eval_first=found is None)
     if world.is_main:
         if step < s.steps:
             print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "

@@ -275,6 +275,84 @@ class _Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
+def resume(found: Path, module: nn.Module, optimizer, loader, strict: bool = True) -> int:
+    """Load the checkpoint ``found`` into the module, optimizer, data loader and RNGs; returns its step.
+
+    ``strict=False`` accepts a checkpoint holding only some of the module's weights (LoRA adapters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state, optimizer_state, state = checkpointing.load_checkpoint(found)
+    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=strict))
+    loader.load_state_dict(state["data"])
+    checkpointing.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distributed, two_d: bool, autocast,
+              min_lr: float, val_batches, metrics: _Metrics, save, describe, show: bool,
+              eval_first: bool = False) -> tuple[int, float | None, float | None, bool]:
+    """The optimizer-step loop pretraining and fine-tuning share, from ``step`` to ``s.steps``.
+
+    Every ``s.log_every`` steps it logs ``describe(step, loss, lr, grad_norm, steps, seconds, targets)``,
+    which returns (metrics record, progress-bar postfix, stderr line) from the interval's steps,
+    training seconds and target tokens. It evaluates every ``s.eval_every`` steps and at the end
+    (``eval_first``: at the start too), calls ``save(step)`` every ``s.save_every`` steps and at the
+    end, and stops early, saved, on Ctrl-C (any process) or after ``s.stop_after`` steps.
+    Returns (step, last loss, last validation loss, interrupted).
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=s.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=None if show else True)
+
+    def run_eval():
+        val_loss = evaluate(module, *val_batches, world, autocast)
+        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        metrics.log(record)
+        if world.is_main:
+            bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}")
+        return val_loss
+
+    loss = val_loss = None
+    interrupted = False
+    module.train()
+    with _StopRequest() as stop, bar:
+        if val_batches and eval_first:
+            val_loss = run_eval()
+        start_step, interval = step, [0, 0.0, 0]  # steps, training seconds, target tokens since the last log
+        while step < s.steps:
+            started = time.perf_counter()
+            lr = learning_rate(step, s.lr, min_lr, s.warmup, s.steps)
+            micro = [loader.next_batch(s.batch_size, world.rank, world.world_size) for _ in range(s.grad_accum)]
+            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, autocast)
+            step += 1
+            loss_sum, stop_votes = all_reduce_sum([loss_sum, float(stop.requested)], world)
+            num_targets = sum(n for _, n in micro)
+            loss = loss_sum / max(1, num_targets)
+            interval = [interval[0] + 1, interval[1] + time.perf_counter() - started, interval[2] + num_targets]
+            bar.update(1)
+
+            if step % s.log_every == 0 or step == s.steps or stop_votes:
+                record, postfix, line = describe(step, loss, lr, grad_norm, *interval)
+                interval = [0, 0.0, 0]
+                metrics.log(record)
+                bar.set_postfix(postfix, refresh=False)
+                if bar.disable and world.is_main:
+                    print(line, file=sys.stderr, flush=True)
+            if val_batches and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
+                val_loss = run_eval()
+            if stop_votes:
+                interrupted = True
+                break
+            if s.stop_after and step - start_step >= s.stop_after:
+                break
+            if s.save_every and step % s.save_every == 0 and step < s.steps:
+                save(step)
+        save(step)
+    return step, loss, val_loss, interrupted
+
+
 def pretrain(s: PretrainSettings) -> PretrainResult:
     """Train (or, with ``s.resume``, continue) a run; see the module docstring for what it writes."""
     world = init_distributed()
@@ -286,8 +364,6 @@ def pretrain(s: PretrainSettings) -> PretrainResult:
 
 
 def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
-    from tqdm import tqdm
-
     _check_settings(s, world)
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -330,16 +406,7 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
 
     loader = PackedBatches(train, s.seq_len, special, seed=s.seed, weights=weights, sentence_end_ids=sentence_ends,
                            mask_ratio=s.mask_ratio, append_eos=s.append_eos)
-    step = 0
-    if found is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        model_state, optimizer_state, state = checkpointing.load_checkpoint(found)
-        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
-        loader.load_state_dict(state["data"])
-        checkpointing.set_rng_state(state["rng"])
-        step = state["step"]
+    step = resume(found, module, optimizer, loader) if found is not None else 0
     two_d = config.position_encoding_2d
     autocast = lambda: torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16)  # noqa: E731
     val_batches = None
@@ -347,7 +414,7 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
         val_batches = _validation_batches(val, s, special, sentence_ends, weights, world, two_d)
     metrics = _Metrics(run_dir / "metrics.jsonl", world.is_main, step if found is not None else None)
 
-    def save():
+    def save(step):
         model_state, optimizer_state = _full_state(module, optimizer)
         if world.is_main:
             state = {"step": step, "rng": checkpointing.rng_state(), "data": loader.state_dict(),
@@ -355,52 +422,19 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
             checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous)
             _export(config, model_state, run_dir / "model", tok)
 
-    def run_eval():
-        val_loss = evaluate(module, *val_batches, world, autocast)
-        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        metrics.log(record)
-        if world.is_main:
-            bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}")
-        return val_loss
-
     tokens_per_step = s.batch_size * s.grad_accum * s.seq_len
-    bar = tqdm(total=s.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=None if (s.progress and world.is_main) else True)
-    loss = val_loss = None
-    interrupted = False
-    module.train()
-    with _StopRequest() as stop, bar:
-        start_step, interval_steps, interval_seconds = step, 0, 0.0  # tokens/s counts training time only
-        while step < s.steps:
-            started = time.perf_counter()
-            lr = learning_rate(step, s.lr, min_lr, s.warmup, s.steps)
-            micro = [loader.next_batch(s.batch_size, world.rank, world.world_size) for _ in range(s.grad_accum)]
-            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, autocast)
-            step += 1
-            loss_sum, stop_votes = all_reduce_sum([loss_sum, float(stop.requested)], world)
-            loss = loss_sum / max(1, sum(n for _, n in micro))
-            interval_steps, interval_seconds = interval_steps + 1, interval_seconds + time.perf_counter() - started
-            bar.update(1)
 
-            if step % s.log_every == 0 or step == s.steps or stop_votes:
-                tokens_per_s = tokens_per_step * interval_steps / max(interval_seconds, 1e-9)
-                interval_steps, interval_seconds = 0, 0.0
-                metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                if bar.disable and world.is_main:
-                    print(f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
-                          f"{tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
-            if val_batches and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-                val_loss = run_eval()
-            if stop_votes:
-                interrupted = True
-                break
-            if s.stop_after and step - start_step >= s.stop_after:
-                break
-            if s.save_every and step % s.save_every == 0 and step < s.steps:
-                save()
-        save()
+    def describe(step, loss, lr, grad_norm, steps, seconds, targets):
+        tokens_per_s = tokens_per_step * steps / max(seconds, 1e-9)  # tokens/s counts training time only
+        return ({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
+                 "tokens_per_s": tokens_per_s},
+                {"loss": f"{loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"},
+                f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
+                f"{tokens_per_s:,.0f} tokens/s")
+
+    step, loss, val_loss, interrupted = run_steps(
+        s, step, module, optimizer, loader, world, two_d, autocast, min_lr, val_batches, metrics, save, describe,
+        show=s.progress and world.is_main)
     if world.is_main:
         if step < s.steps:
             print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "
