@@ -10,14 +10,15 @@ Portable format (what ``state_dict()`` holds and the safetensors file stores), f
   in the high nibble; ``weight_scale`` bfloat16 ``[N, G]``; ``weight_zero`` uint8 ``[N, G]``
   (asymmetric only, values 0..15; symmetric means zero 8). ``w = (q - zero) * scale`` per group.
 
-Decode speed comes from PyTorch's packed weight-only CPU kernels (``aten._weight_int8pack_mm`` and
-``aten._weight_int4pack_mm_for_cpu``), which read the small integer weights and never build the
-full-precision matrix. They are fastest with bfloat16 activations (the float32 path is several
-times slower), so the matmul rounds its input to bfloat16 and returns the caller's dtype. The int4
-kernel wants its own, CPU-specific nibble layout: it is built from the portable form when a module
-is loaded and the portable tensors are then dropped, so an INT4 model holds half a byte per weight
-plus its scales; ``state_dict()`` rebuilds the portable tensors exactly from the kernel layout.
-Scales are bfloat16, the kernels' own precision, so what is saved is exactly what runs.
+The products read the small integer weights and never build the full-precision matrix. On the
+CPU they run the kernels of ``kernels.py`` on the portable tensors as they are (float32
+activations; INT4 takes them at int16 precision per group). Where those cannot be built (no
+compiler), PyTorch's packed weight-only kernels run instead (``aten._weight_int8pack_mm`` and
+``aten._weight_int4pack_mm_for_cpu``, with bfloat16 activations, slower at decode): the int4 one
+wants its own, CPU-specific nibble layout, built from the portable form when a module is loaded
+(the portable tensors are then dropped and ``state_dict()`` rebuilds them exactly from it).
+Either way an INT4 model holds half a byte per weight plus its scales. Scales are bfloat16, the
+kernels' own precision, so what is saved is exactly what runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OpenGLMError
+from . import kernels
 
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel packs 16 output rows together
 
@@ -99,7 +101,8 @@ class QuantLinear(nn.Module):
         check_shape(out_features, in_features, bits, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.packed = False
+        self.packed = False  # INT4 weights in PyTorch's kernel layout (when ours cannot run)
+        self.use_kernels = False  # decided when weights arrive (pack)
         self._portable_buffers()
         # The INT4 kernel's bf16 [G, N, 2] (scale, offset) pairs, built by pack(): never saved.
         self.register_buffer("scales_and_zeros", None, persistent=False)
@@ -137,11 +140,22 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Turn the portable INT4 buffers into the CPU kernel's layout (INT8 runs on the portable form)."""
-        if self.bits == 8 or self.packed or self.weight.device.type == "meta":
+        """Choose the kernels for weights that just arrived; PyTorch's INT4 kernel needs its own layout.
+
+        Our kernels (and PyTorch's INT8 one) run on the portable form as it is.
+        """
+        if self.packed or self.weight.device.type == "meta":
             return
         if self.weight.device.type != "cpu":
-            raise OpenGLMError("INT4 quantized layers run on the CPU only")
+            raise OpenGLMError("quantized layers run on the CPU only")
+        self.use_kernels = kernels.supports(self.bits, self.in_features, self.group_size) and kernels.available()
+        if self.use_kernels:  # the library reads raw memory: row-major buffers
+            for name in ("weight", "weight_scale", "weight_zero"):
+                if getattr(self, name, None) is not None:
+                    setattr(self, name, getattr(self, name).contiguous())
+            return
+        if self.bits == 8:
+            return
         q = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
         zero = getattr(self, "weight_zero", None)
         self.scales_and_zeros = _scales_and_zeros(self.weight_scale, zero)
@@ -153,6 +167,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.use_kernels:
+            x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+            if self.bits == 8:
+                y = kernels.int8_matmul(x2, self.weight, self.weight_scale)
+            else:
+                y = kernels.int4_matmul(x2, self.weight, self.weight_scale, getattr(self, "weight_zero", None))
+            y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale)
@@ -172,6 +194,7 @@ class QuantLinear(nn.Module):
             with torch.device(device):
                 self._portable_buffers()
             self.scales_and_zeros, self.packed = None, False
+        self.use_kernels = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.weight_scale = self.weight_scale.to(torch.bfloat16)  # a loader may have cast it with the float weights
         self.pack()
@@ -266,6 +289,8 @@ def check_shape(out_features: int, in_features: int, bits: int, group_size: int 
     """Raise ``OpenGLMError`` if a ``[out, in]`` weight cannot take this scheme."""
     if bits not in (4, 8):
         raise OpenGLMError(f"quantization to {bits} bits is not supported (8 or 4)")
+    if bits == 8 and in_features % 8:
+        raise OpenGLMError(f"INT8 needs a multiple of 8 inputs, got {in_features}")
     if bits == 4:
         if not group_size or in_features % group_size:
             raise OpenGLMError(f"INT4 group size {group_size} does not divide the input size {in_features}")

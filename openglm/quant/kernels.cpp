@@ -1,0 +1,239 @@
+// Weight-only INT8 / INT4 matrix products for the CPU: y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// Decoding reads every weight once per token, so at small M the product is bound by memory
+// bandwidth, not arithmetic: these loops stream the packed integers once, widen them to float in
+// registers and never write a full-precision copy. Weights are in the portable layout of
+// openglm/quant/linear.py (INT8 [N, K] with a bfloat16 scale per row; INT4 [N, K/2], column 2j in
+// the low nibble of byte j, bfloat16 scales and optional uint8 zero points per group of columns).
+// Activations stay float32: results match the float product of the dequantized weights up to
+// summation order. Output rows are split across the caller's OpenMP threads (PyTorch's own pool
+// when it is loaded first, as it is by openglm).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define OPENGLM_AVX2 1
+#endif
+
+namespace {
+
+inline float bf16(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+constexpr int64_t kRows = 16;  // output rows per task: their weights stay in L1 across row blocks of x
+
+#ifdef OPENGLM_AVX2
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 float
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// out[m] = x[m, :K] . w[:K] for MB rows of x; U independent accumulators per row hide FMA latency.
+template <int MB, int U>
+inline void dot_q8(const float* x, int64_t ldx, int64_t K, const int8_t* w, float* out) {
+    __m256 acc[MB][U];
+    for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= K; k += 8 * U) {
+        for (int u = 0; u < U; ++u) {
+            __m256 wv = widen8(w + k + 8 * u);
+            for (int m = 0; m < MB; ++m)
+                acc[m][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k + 8 * u), wv, acc[m][u]);
+        }
+    }
+    for (; k < K; k += 8) {
+        __m256 wv = widen8(w + k);
+        for (int m = 0; m < MB; ++m) acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][0]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        __m256 s = acc[m][0];
+        for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[m][u]);
+        out[m] = hsum(s);
+    }
+}
+
+// INT4. x arrives quantized to int16 per (row, group): xq[m, k] = round(x / dx[m, g]), in chunks of
+// 32 columns stored as the 16 even columns then the 16 odd ones (the order the nibbles unpack in);
+// int16 keeps x to ~1.5e-5 of its group maximum, finer than the bfloat16 rounding of float kernels.
+// Each 16-byte chunk: nibbles minus the zero point (int8 -15..15), widened to int16, multiplied
+// with x pairwise into int32 (vpmaddwd: 16 products per instruction, exact), per group converted
+// to float once and scaled by scale_g * dx[m, g].
+template <int MB, bool ASYM>
+inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, int64_t gb, const uint8_t* w,
+                   const uint16_t* scale, const uint8_t* zero, float* out) {
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    __m256 acc[2][MB];  // two chains, alternate groups
+    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    alignas(32) float sd[MB][8];  // scale_g * dx[m, g] for 8 groups
+    auto group = [&](int64_t g, int64_t gi, __m256* a) __attribute__((always_inline)) {
+        const __m128i z = ASYM ? _mm_set1_epi8(char(zero[g])) : eight;
+        __m256i iacc[MB];
+        for (int m = 0; m < MB; ++m) iacc[m] = _mm256_setzero_si256();
+        for (int64_t j = g * gb; j < (g + 1) * gb; j += 16) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+            const __m256i lo = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(b, low), z));
+            const __m256i hi = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), z));
+            for (int m = 0; m < MB; ++m) {
+                const __m256i* xp = reinterpret_cast<const __m256i*>(xq + m * ldx + 2 * j);
+                iacc[m] = _mm256_add_epi32(iacc[m], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xp)),
+                                                                     _mm256_madd_epi16(hi, _mm256_loadu_si256(xp + 1))));
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_broadcast_ss(&sd[m][gi]), a[m]);
+    };
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+        const int64_t ng = std::min<int64_t>(8, G - g0);
+        if (ng == 8) {
+            const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0))), 16));
+            for (int m = 0; m < MB; ++m) _mm256_store_ps(sd[m], _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G + g0)));
+        } else {
+            for (int m = 0; m < MB; ++m)
+                for (int64_t i = 0; i < ng; ++i) sd[m][i] = bf16(scale[g0 + i]) * dx[m * G + g0 + i];
+        }
+        int64_t gi = 0;
+        for (; gi + 1 < ng; gi += 2) {
+            group(g0 + gi, gi, acc[0]);
+            group(g0 + gi + 1, gi + 1, acc[1]);
+        }
+        if (gi < ng) group(g0 + gi, gi, acc[0]);
+    }
+    for (int m = 0; m < MB; ++m) out[m] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+}
+#else
+template <int MB, int U>
+inline void dot_q8(const float* x, int64_t ldx, int64_t K, const int8_t* w, float* out) {
+    for (int m = 0; m < MB; ++m) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * float(w[k]);
+        out[m] = s;
+    }
+}
+
+template <int MB, bool ASYM>
+inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, int64_t gb, const uint8_t* w,
+                   const uint16_t* scale, const uint8_t* zero, float* out) {
+    for (int m = 0; m < MB; ++m) {
+        float total = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+            const int z = zero ? zero[g] : 8;
+            int32_t s = 0;
+            for (int64_t j = g * gb; j < (g + 1) * gb; ++j) {  // xq: chunks of 16 even then 16 odd columns
+                const int16_t* c = xq + m * ldx + 2 * (j - j % 16);
+                s += ((w[j] & 15) - z) * c[j % 16] + ((w[j] >> 4) - z) * c[16 + j % 16];
+            }
+            total += float(s) * bf16(scale[g]) * dx[m * G + g];
+        }
+        out[m] = total;
+    }
+}
+#endif
+
+template <int MB>
+inline void rows_q8(const float* x, int64_t K, const int8_t* w, const uint16_t* scale, int64_t n0, int64_t n1,
+                    int64_t N, float* y) {
+    constexpr int U = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
+    float out[MB];
+    for (int64_t n = n0; n < n1; ++n) {
+        dot_q8<MB, U>(x, K, K, w + n * K, out);
+        const float s = bf16(scale[n]);
+        for (int m = 0; m < MB; ++m) y[m * N + n] = out[m] * s;
+    }
+}
+
+template <int MB>
+inline void rows_q4(const int16_t* xq, const float* dx, int64_t K, int64_t G, const uint8_t* w, const uint16_t* scale,
+                    const uint8_t* zero, int64_t n0, int64_t n1, int64_t N, float* y) {
+    const int64_t K2 = K / 2, gb = K2 / G;
+    float out[MB];
+    for (int64_t n = n0; n < n1; ++n) {
+        if (zero)
+            dot_q4<MB, true>(xq, dx, K, G, gb, w + n * K2, scale + n * G, zero + n * G, out);
+        else
+            dot_q4<MB, false>(xq, dx, K, G, gb, w + n * K2, scale + n * G, nullptr, out);
+        for (int m = 0; m < MB; ++m) y[m * N + n] = out[m];
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int openglm_kernels_version() { return 1; }
+
+// y[M, N] = x[M, K] @ (w[N, K] * scale[N, None])^T; K a multiple of 8; x, y float32, contiguous.
+void openglm_q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+                       float* y) {
+    const int64_t tasks = (N + kRows - 1) / kRows;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
+        for (int64_t m = 0; m < M; m += 4) {
+            const float* xm = x + m * K;
+            float* ym = y + m * N;
+            switch (std::min<int64_t>(4, M - m)) {
+                case 1: rows_q8<1>(xm, K, w, scale, n0, n1, N, ym); break;
+                case 2: rows_q8<2>(xm, K, w, scale, n0, n1, N, ym); break;
+                case 3: rows_q8<3>(xm, K, w, scale, n0, n1, N, ym); break;
+                default: rows_q8<4>(xm, K, w, scale, n0, n1, N, ym); break;
+            }
+        }
+    }
+}
+
+// INT4 with G groups per row: w[N, K/2] packed nibbles, scale[N, G] bfloat16, zero[N, G] uint8 or
+// NULL (symmetric: 8). The group size K/G must be a multiple of 32.
+void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
+                       const uint8_t* zero, int64_t G, int64_t N, float* y) {
+    const int64_t gs = K / G;
+    std::vector<int16_t> xq(M * K);
+    std::vector<float> dx(M * G);
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t g = 0; g < G; ++g) {
+            const float* xg = x + m * K + g * gs;
+            float amax = 0.f;
+            for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
+            const float d = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / d;
+            dx[m * G + g] = d;
+            int16_t* q = xq.data() + m * K + g * gs;
+            for (int64_t c = 0; c < gs; c += 32)
+                for (int64_t i = 0; i < 16; ++i) {
+                    q[c + i] = int16_t(std::lrintf(xg[c + 2 * i] * inv));
+                    q[c + 16 + i] = int16_t(std::lrintf(xg[c + 2 * i + 1] * inv));
+                }
+        }
+    }
+    const int64_t tasks = (N + kRows - 1) / kRows;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
+        for (int64_t m = 0; m < M; m += 4) {
+            const int16_t* q = xq.data() + m * K;
+            const float* d = dx.data() + m * G;
+            float* ym = y + m * N;
+            switch (std::min<int64_t>(4, M - m)) {
+                case 1: rows_q4<1>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
+                case 2: rows_q4<2>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
+                case 3: rows_q4<3>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
+                default: rows_q4<4>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
+            }
+        }
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,156 @@
+"""The INT8/INT4 CPU matrix products of ``kernels.cpp``, compiled on first use and cached.
+
+PyTorch's packed weight-only CPU kernels are compute-bound at the one or few rows a decode step
+multiplies (they reach a third of this kind of machine's memory bandwidth); ``kernels.cpp`` streams
+the portable INT8/INT4 weights at close to the bandwidth. It has no dependency but a C++ compiler
+and OpenMP: the first use builds it for this CPU (about a second) into
+``$OPENGLM_CACHE`` (default ``~/.cache/openglm``), keyed by the source, the compiler and the CPU's
+flags. Without a compiler, or with ``OPENGLM_KERNELS=0``, ``available()`` is False and
+``QuantLinear`` uses PyTorch's kernels: same results up to rounding, slower.
+
+Under ``torch.compile`` the products are the custom operators ``openglm::int8_matmul`` and
+``openglm::int4_matmul``; eager calls go to the library directly (less overhead per call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OPENGLM_CACHE"):
+        return Path(os.environ["OPENGLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openglm"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("OPENGLM_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        log.warning("no C++ compiler found: quantized layers use PyTorch's slower CPU kernels")
+        return None
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_flags().encode(), torch.__version__.encode()])).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, renamed whole
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            if done.returncode:
+                log.warning("building the quantized CPU kernels failed, using PyTorch's slower ones:\n%s", done.stderr[-2000:])
+                return None
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("building the quantized CPU kernels failed (%s), using PyTorch's slower ones", e)
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))  # after torch: its OpenMP runtime (same soname) is the one used
+    lib.openglm_q8_matmul.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    lib.openglm_q8_matmul.restype = None
+    lib.openglm_q4_matmul.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _P]
+    lib.openglm_q4_matmul.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None where they cannot be (see the module doc)."""
+    if "lib" not in _state:
+        _state["lib"] = _build()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def supports(bits: int, in_features: int, group_size: int | None) -> bool:
+    """Whether the kernels take this shape: K a multiple of 8 (INT8) or groups of a multiple of 32 (INT4)."""
+    if bits == 8:
+        return in_features % 8 == 0
+    return bool(group_size) and group_size % 32 == 0 and in_features % group_size == 0
+
+
+def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().openglm_q8_matmul(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), N, y.data_ptr())
+    return y
+
+
+def _int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    M, K = x.shape
+    N, G = scale.shape
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().openglm_q4_matmul(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(),
+                                None if zero is None else zero.data_ptr(), G, N, y.data_ptr())
+    return y
+
+
+# Plain dispatcher registrations (a third of ``torch.library.custom_op``'s call overhead, which
+# matters at ~70 small products per decode step).
+_ops = torch.library.Library("openglm", "DEF")
+_ops.define("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor")
+_ops.define("int4_matmul(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor")
+_ops.impl("int8_matmul", lambda x, weight, scale: _int8(x.float().contiguous(), weight, scale), "CPU")
+_ops.impl("int4_matmul", lambda x, weight, scale, zero: _int4(x.float().contiguous(), weight, scale, zero), "CPU")
+
+
+@torch.library.register_fake("openglm::int8_matmul")
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("openglm::int4_matmul")
+def _(x, weight, scale, zero):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (weight [N, K] int8 * scale [N] bf16)^T`` -> float32 ``[M, N]`` (``available()`` must hold)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.openglm.int8_matmul(x, weight, scale)
+    return _int8(x.float().contiguous(), weight, scale)
+
+
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """``x [M, K]`` times the portable INT4 weight ``[N, K/2]`` (scale/zero ``[N, G]``) transposed -> float32 ``[M, N]``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.openglm.int4_matmul(x, weight, scale, zero)
+    return _int4(x.float().contiguous(), weight, scale, zero)

@@ -1,0 +1,87 @@
+"""The compiled INT8/INT4 kernels against the float product of the dequantized weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from openglm.quant import kernels
+from openglm.quant.linear import QuantLinear, dequantize, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs a C++ compiler")
+
+
+def _close(y, expected, tol):
+    err = (y - expected).abs().max() / expected.abs().max()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("N,K", [(40, 72), (48, 64), (7, 8)])  # rows and columns off the kernels' blocks
+def test_int8_any_rows(M, N, K):
+    g = torch.Generator().manual_seed(M * 100 + N)
+    w = torch.randn(N, K, generator=g)
+    q, scale = quantize_int8(w)
+    x = torch.randn(M, K, generator=g)
+    _close(kernels.int8_matmul(x, q, scale), x @ dequantize(q, scale, None, 8, None).t(), 1e-5)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 6, 17])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_any_rows_groups_and_zero_points(M, group, symmetric):
+    N, K = 40, 384  # 384 / 32 = 12 groups: a block of 8 and a remainder
+    g = torch.Generator().manual_seed(M * 1000 + group)
+    w = torch.randn(N, K, generator=g) + (0 if symmetric else 0.7)  # shifted: zero points away from 8
+    q, scale, zero = quantize_int4(w, group, symmetric)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-3, 1, K)  # columns of very different sizes
+    expected = x @ dequantize(q, scale, zero, 4, group).t()
+    _close(kernels.int4_matmul(x, q, scale, zero), expected, 1e-4)  # x at int16 precision per group
+
+
+def test_zero_activations_and_bf16_inputs():
+    q, scale, _ = quantize_int4(torch.randn(16, 64), 32, True)
+    assert torch.equal(kernels.int4_matmul(torch.zeros(2, 64), q, scale, None), torch.zeros(2, 16))
+    lin = nn.Linear(64, 16, bias=False).to(torch.bfloat16)
+    ql = QuantLinear.from_linear(lin, 4, 32)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert ql(x).dtype == torch.bfloat16
+
+
+def test_shapes_only_pytorch_takes_use_its_kernels():
+    assert not kernels.supports(4, 64, 256) and kernels.supports(4, 256, 256)
+    lin = nn.Linear(256, 16)
+    ql = QuantLinear.from_linear(lin, 4, 256)  # one group of 256: PyTorch's int4 kernel takes it, and so do we
+    assert ql.use_kernels
+    assert not kernels.supports(4, 64, 16)  # groups of 16: neither (refused when quantizing, tests/quant/test_linear.py)
+
+
+def test_compiled_forward_uses_the_custom_operator():
+    torch._dynamo.reset()
+    lin = nn.Linear(64, 32)
+    ql8, ql4 = QuantLinear.from_linear(lin, 8), QuantLinear.from_linear(lin, 4, 32, symmetric=False)
+
+    def f(x):
+        return ql8(x) + ql4(x)
+
+    x = torch.randn(2, 64)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.allclose(compiled(x), f(x), atol=1e-5)
+
+
+def test_built_once_into_the_cache_and_off_by_environment(tmp_path):
+    code = ("import torch; from openglm.quant import kernels; print(kernels.available(), "
+            "sorted(p.suffix for p in kernels.cache_dir().glob('*')) if kernels.cache_dir().exists() else [])")
+    env = {**os.environ, "OPENGLM_CACHE": str(tmp_path)}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                       text=True, check=True).stdout.split(maxsplit=1)
+    assert run({"OPENGLM_KERNELS": "0"}) == ["False", "[]\n"]
+    assert run({}) == ["True", "['.so']\n"]
+    built = list(tmp_path.glob("*.so"))[0].stat().st_mtime_ns
+    assert run({}) == ["True", "['.so']\n"]  # reused, not rebuilt
+    assert list(tmp_path.glob("*.so"))[0].stat().st_mtime_ns == built
