@@ -95,10 +95,40 @@ def worker(spec: dict) -> dict:
 
                 def new_cache(B):
                     state["cache"] = DynamicCache(config=model.config)
-            else:
+            elif spec.get("compile"):  # the compiled decode step of generate(..., compile=True)
                 from openglm import load_model
+                from openglm.infer.generate import _compiled_decode_step
+                from openglm.model.glm import use_decode_layout
 
                 model = load_model(spec["path"], dtype=getattr(torch, spec["dtype"]))
+                use_decode_layout(model)
+                step_fn, total, state = _compiled_decode_step(), PROMPT + n + 8, {}
+
+                def forward(ids):
+                    cache, keys = state["cache"], state["keys"]
+                    B, T = ids.shape
+                    if T > 1:  # the prefill writes slots 0..T-1 and sees all slots, masked by `keys`
+                        cache.slots, keys[:, :T] = torch.arange(T), True
+                        logits = model(ids, torch.arange(T).expand(B, T), keys, cache, logits_to_keep=1)[:, -1]
+                        cache.slots, state["pos"] = torch.zeros(1, dtype=torch.long), T
+                    else:
+                        p = state["pos"]
+                        keys[:, p] = True
+                        cache.slots.fill_(p)
+                        logits = step_fn(model, ids, torch.full((B, 1), p), keys[:, None, None], cache)
+                        cache.length += 1
+                        state["pos"] = p + 1
+                    return logits.argmax(-1, keepdim=True)
+
+                def new_cache(B):
+                    state["cache"] = model.new_cache(B, total, static=True)
+                    state["keys"] = torch.zeros(B, total, dtype=torch.bool)
+            else:
+                from openglm import load_model
+                from openglm.model.glm import use_decode_layout
+
+                model = load_model(spec["path"], dtype=getattr(torch, spec["dtype"]))
+                use_decode_layout(model)  # as generate() does
                 state = {}
 
                 def forward(ids):
@@ -139,7 +169,7 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
 
 
-def prepare(model_name: str, directory: Path, gguf_types: list[str]) -> dict[str, dict]:
+def prepare(model_name: str, directory: Path, gguf_types: list[str], compile: bool = True) -> dict[str, dict]:
     """Save the weights each configuration reads; returns {config: {engine, path, dtype, bytes}}."""
     import torch
 
@@ -170,6 +200,8 @@ def prepare(model_name: str, directory: Path, gguf_types: list[str]) -> dict[str
         if scheme:
             path = save_model(quantize_model(load_model(base), scheme, 32), directory / name)
         configs[f"openglm {name}"] = {"engine": "openglm", "path": str(path), "dtype": dtype}
+        if compile and dtype == "float32":  # bf16 compiles to slow code on CPUs without bf16 arithmetic
+            configs[f"openglm {name} compiled"] = {"engine": "openglm", "path": str(path), "dtype": dtype, "compile": True}
     configs["transformers fp32"] = {"engine": "transformers", "path": str(base)}
     if (base / "tokenizer.json").is_file():
         for t in gguf_types:
@@ -246,6 +278,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode configurations")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -264,7 +297,7 @@ def main() -> None:
           f"prompt\n")
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            configs = prepare(model_name, Path(tmp), gguf_types)
+            configs = prepare(model_name, Path(tmp), gguf_types, not args.no_compile)
             runs, loads, bandwidths = {name: [] for name in configs}, [], []
             for _ in range(args.repeats):
                 bandwidths.append(run_child({"engine": "bandwidth", "threads": args.threads})["bandwidth"])
