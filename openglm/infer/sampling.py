@@ -71,9 +71,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
+    return _draw(logits, params, torch.rand(logits.shape[0], 1, generator=generator, device=logits.device))
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: one uniform ``u [B, 1]`` per row searched in the cumulative distribution.
+    Same distribution as torch.multinomial, ~10x cheaper on CPU for a 16k-150k vocabulary."""
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    # Inverse-CDF draw: one uniform per row searched in the cumulative distribution. Same
-    # distribution as torch.multinomial, ~10x cheaper on CPU for a 16k-150k vocabulary.
     cdf = logits.softmax(-1).cumsum(-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def sample_each(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                seen: list[list[int]]) -> list[int]:
+    """One token per row of ``logits [B, V]``, row ``i`` with its own ``params[i]``, ``generators[i]``
+    and tokens so far ``seen[i]``: exactly what ``sample(logits[i:i+1], ...)`` gives, but rows that
+    share their settings are drawn in one call (a serving batch usually does)."""
+    logits = logits.float()
+    tokens: list[int] = [0] * len(params)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0:  # the penalty depends on the row's own text
+            ids = torch.tensor([seen[i]], device=logits.device)
+            tokens[i] = int(sample(logits[i : i + 1], p, generators[i], ids)[0])
+        else:
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    for rows in groups.values():
+        p = params[rows[0]]
+        group = logits if len(rows) == len(params) else logits[rows]
+        if p.greedy:
+            picked = group.argmax(-1)
+        else:  # each row's uniform from its own generator, as sample() draws it
+            u = torch.cat([torch.rand(1, 1, generator=generators[i], device=logits.device) for i in rows])
+            picked = _draw(group, p, u)
+        for i, t in zip(rows, picked.tolist()):
+            tokens[i] = t
+    return tokens

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import OpenGLMError
 from ..infer.generate import _Detokenizer, _stop_ids
-from ..infer.sampling import SamplingParams, sample
+from ..infer.sampling import SamplingParams, sample_each
 from ..model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -449,10 +449,13 @@ class Engine:
         ids = torch.tensor([c[:1] * (T - len(c)) + c for c in chunks], device=self._device)  # (B', T)
         pos, mask = self._cache.prepare([s.slot for s in batch], counts)
         logits = self.model(ids, pos, mask, self._cache, logits_to_keep=1)[:, -1]  # (B', V): each row's last token
-        for seq, n, row in zip(batch, counts, logits):
+        done = []
+        for i, (seq, n) in enumerate(zip(batch, counts)):
             seq.prefilled += n
             if seq.prefilled == seq.prompt_len:
-                self._emit(seq, row)
+                done.append(i)
+        if done:
+            self._emit([batch[i] for i in done], logits if len(done) == len(batch) else logits[done])
 
     def _decode(self) -> None:
         """One token for every request past its prompt, in one batched forward."""
@@ -462,17 +465,21 @@ class Engine:
         pos, mask = self._cache.prepare([s.slot for s in rows], [1] * len(rows))
         last = torch.tensor([[s.ids[-1]] for s in rows], device=self._device)  # (B', 1)
         logits = self.model(last, pos, mask, self._cache)[:, -1]  # (B', V)
-        for seq, row in zip(rows, logits):
-            self._emit(seq, row)
+        self._emit(rows, logits)
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample ``seq``'s next token from ``logits [V]``, queue its event, end the request if it is done."""
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token from its row of ``logits [B', V]`` (rows sharing their
+        sampling settings in one call), queue the events, end the requests that are done."""
+        tokens = sample_each(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
+                             [s.ids for s in seqs])
+        for seq, row, token in zip(seqs, logits, tokens):
+            self._emit_one(seq, row, token)
+
+    def _emit_one(self, seq: _Sequence, logits: torch.Tensor, token: int) -> None:
         if seq.handle._cancelled:  # cancelled during this step's forward: hand out nothing more
             self._finish(seq, "cancelled")
             return
         params, handle = seq.request.params, seq.handle
-        seen = torch.tensor([seq.ids], device=self._device) if params.repetition_penalty != 1.0 else None
-        token = int(sample(logits[None], params, seq.generator, seen)[0])
         event = TokenEvent(token, "")
         if seq.request.logprobs is not None:
             logprobs = logits.float().log_softmax(-1)

@@ -2,7 +2,7 @@
 
 import torch
 
-from openglm.infer.sampling import SamplingParams, sample
+from openglm.infer.sampling import SamplingParams, sample, sample_each
 
 
 def test_frequencies_follow_the_distribution():
@@ -23,3 +23,22 @@ def test_top_k_and_top_p_exclude_tokens_and_seed_repeats():
     a = sample(logits[:50], SamplingParams(), torch.Generator().manual_seed(7))
     b = sample(logits[:50], SamplingParams(), torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and len(set(a.tolist())) > 1
+
+
+def test_sample_each_draws_every_row_as_sample_alone_would():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 300) * 3
+    params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0), SamplingParams(temperature=0.8),
+              SamplingParams(temperature=1.3, top_p=0.9), SamplingParams(temperature=0.8, top_k=5),
+              SamplingParams(temperature=0.8, repetition_penalty=1.5), SamplingParams(temperature=0.8, seed=2)]
+    seen = [[int(logits[i].argmax()), 3] for i in range(7)]
+
+    def generators():
+        return [torch.Generator().manual_seed(100 + i) for i in range(7)]
+
+    for _ in range(20):  # many draws: any mix-up of rows, settings or generators shows
+        g1, g2 = generators(), generators()
+        expected = [int(sample(logits[i : i + 1], p, g, torch.tensor([s]))[0]) for i, (p, g, s) in
+                    enumerate(zip(params, g1, seen))]
+        assert sample_each(logits, params, g2, seen) == expected
+        logits = logits[torch.randperm(7)]
