@@ -28,6 +28,7 @@ inline float bf16(uint16_t h) {
 }
 
 constexpr int64_t kRows = 16;  // output rows per task: their weights stay in L1 across row blocks of x
+constexpr int64_t kAhead = 4;  // rows prefetched ahead: short streams from a far cache start late otherwise
 
 #ifdef OPENGLM_AVX2
 inline float hsum(__m256 v) {
@@ -69,28 +70,38 @@ inline void dot_q8(const float* x, int64_t ldx, int64_t K, const int8_t* w, floa
 // INT4. x arrives quantized to int16 per (row, group): xq[m, k] = round(x / dx[m, g]), in chunks of
 // 32 columns stored as the 16 even columns then the 16 odd ones (the order the nibbles unpack in);
 // int16 keeps x to ~1.5e-5 of its group maximum, finer than the bfloat16 rounding of float kernels.
-// Each 16-byte chunk: nibbles minus the zero point (int8 -15..15), widened to int16, multiplied
-// with x pairwise into int32 (vpmaddwd: 16 products per instruction, exact), per group converted
-// to float once and scaled by scale_g * dx[m, g].
+// Each 16-byte chunk: the nibbles (0..15) as int16 and multiplied with x pairwise into
+// int32 (vpmaddwd, or VNNI's vpdpwssd: 16 products per instruction, exact); per group converted to
+// float once and scaled by scale_g * dx[m, g]. The zero points come off at the end in one sum:
+// sum_g scale_g * zero_g * cs[m, g], with cs[m, g] = dx[m, g] * (sum of xq over the group).
+inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
 template <int MB, bool ASYM>
-inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, int64_t gb, const uint8_t* w,
-                   const uint16_t* scale, const uint8_t* zero, float* out) {
-    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    __m256 acc[2][MB];  // two chains, alternate groups
-    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+inline void dot_q4(const int16_t* xq, const float* dx, const float* cs, int64_t ldx, int64_t G, int64_t gb,
+                   const uint8_t* w, const uint16_t* scale, const uint8_t* zero, float* out) {
+    const __m256i low = _mm256_set1_epi16(15);
+    __m256 acc[2][MB], corr[MB];  // two chains, alternate groups; the zero-point term
+    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = corr[m] = _mm256_setzero_ps();
+    float tail[MB] = {};
     alignas(32) float sd[MB][8];  // scale_g * dx[m, g] for 8 groups
     auto group = [&](int64_t g, int64_t gi, __m256* a) __attribute__((always_inline)) {
-        const __m128i z = ASYM ? _mm_set1_epi8(char(zero[g])) : eight;
         __m256i iacc[MB];
         for (int m = 0; m < MB; ++m) iacc[m] = _mm256_setzero_si256();
         for (int64_t j = g * gb; j < (g + 1) * gb; j += 16) {
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
-            const __m256i lo = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(b, low), z));
-            const __m256i hi = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), z));
+            // 16 bytes widened once to 16-bit lanes (one shuffle); in each lane the low nibble and the byte >> 4
+            const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
+            const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi16(b, 4);
             for (int m = 0; m < MB; ++m) {
                 const __m256i* xp = reinterpret_cast<const __m256i*>(xq + m * ldx + 2 * j);
-                iacc[m] = _mm256_add_epi32(iacc[m], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xp)),
-                                                                     _mm256_madd_epi16(hi, _mm256_loadu_si256(xp + 1))));
+                iacc[m] = dot_pairs(dot_pairs(iacc[m], lo, _mm256_loadu_si256(xp)), hi, _mm256_loadu_si256(xp + 1));
             }
         }
         for (int m = 0; m < MB; ++m)
@@ -101,10 +112,20 @@ inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, i
         if (ng == 8) {
             const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
                 _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + g0))), 16));
-            for (int m = 0; m < MB; ++m) _mm256_store_ps(sd[m], _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G + g0)));
+            const __m256 sz = ASYM ? _mm256_mul_ps(sv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g0)))))
+                                   : _mm256_mul_ps(sv, _mm256_set1_ps(8.f));
+            for (int m = 0; m < MB; ++m) {
+                _mm256_store_ps(sd[m], _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * G + g0)));
+                corr[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(cs + m * G + g0), corr[m]);
+            }
         } else {
             for (int m = 0; m < MB; ++m)
-                for (int64_t i = 0; i < ng; ++i) sd[m][i] = bf16(scale[g0 + i]) * dx[m * G + g0 + i];
+                for (int64_t i = 0; i < ng; ++i) {
+                    const float sc = bf16(scale[g0 + i]);
+                    sd[m][i] = sc * dx[m * G + g0 + i];
+                    tail[m] += sc * float(ASYM ? zero[g0 + i] : 8) * cs[m * G + g0 + i];
+                }
         }
         int64_t gi = 0;
         for (; gi + 1 < ng; gi += 2) {
@@ -113,7 +134,7 @@ inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, i
         }
         if (gi < ng) group(g0 + gi, gi, acc[0]);
     }
-    for (int m = 0; m < MB; ++m) out[m] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+    for (int m = 0; m < MB; ++m) out[m] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) - hsum(corr[m]) - tail[m];
 }
 #else
 template <int MB, int U>
@@ -126,8 +147,8 @@ inline void dot_q8(const float* x, int64_t ldx, int64_t K, const int8_t* w, floa
 }
 
 template <int MB, bool ASYM>
-inline void dot_q4(const int16_t* xq, const float* dx, int64_t ldx, int64_t G, int64_t gb, const uint8_t* w,
-                   const uint16_t* scale, const uint8_t* zero, float* out) {
+inline void dot_q4(const int16_t* xq, const float* dx, const float*, int64_t ldx, int64_t G, int64_t gb,
+                   const uint8_t* w, const uint16_t* scale, const uint8_t* zero, float* out) {
     for (int m = 0; m < MB; ++m) {
         float total = 0.f;
         for (int64_t g = 0; g < G; ++g) {
@@ -150,6 +171,12 @@ inline void rows_q8(const float* x, int64_t K, const int8_t* w, const uint16_t* 
     constexpr int U = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
     float out[MB];
     for (int64_t n = n0; n < n1; ++n) {
+#ifdef OPENGLM_AVX2
+        {
+            const char* p = reinterpret_cast<const char*>(w + (n + kAhead) * K);
+            for (int64_t k = 0; k < K; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+        }
+#endif
         dot_q8<MB, U>(x, K, K, w + n * K, out);
         const float s = bf16(scale[n]);
         for (int m = 0; m < MB; ++m) y[m * N + n] = out[m] * s;
@@ -157,15 +184,21 @@ inline void rows_q8(const float* x, int64_t K, const int8_t* w, const uint16_t* 
 }
 
 template <int MB>
-inline void rows_q4(const int16_t* xq, const float* dx, int64_t K, int64_t G, const uint8_t* w, const uint16_t* scale,
+inline void rows_q4(const int16_t* xq, const float* dx, const float* cs, int64_t K, int64_t G, const uint8_t* w, const uint16_t* scale,
                     const uint8_t* zero, int64_t n0, int64_t n1, int64_t N, float* y) {
     const int64_t K2 = K / 2, gb = K2 / G;
     float out[MB];
     for (int64_t n = n0; n < n1; ++n) {
+#ifdef OPENGLM_AVX2
+        {
+            const char* p = reinterpret_cast<const char*>(w + (n + kAhead) * K2);
+            for (int64_t k = 0; k < K2; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+        }
+#endif
         if (zero)
-            dot_q4<MB, true>(xq, dx, K, G, gb, w + n * K2, scale + n * G, zero + n * G, out);
+            dot_q4<MB, true>(xq, dx, cs, K, G, gb, w + n * K2, scale + n * G, zero + n * G, out);
         else
-            dot_q4<MB, false>(xq, dx, K, G, gb, w + n * K2, scale + n * G, nullptr, out);
+            dot_q4<MB, false>(xq, dx, cs, K, G, gb, w + n * K2, scale + n * G, nullptr, out);
         for (int m = 0; m < MB; ++m) y[m * N + n] = out[m];
     }
 }
@@ -197,12 +230,12 @@ void openglm_q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, co
 }
 
 // INT4 with G groups per row: w[N, K/2] packed nibbles, scale[N, G] bfloat16, zero[N, G] uint8 or
-// NULL (symmetric: 8). The group size K/G must be a multiple of 32.
+// NULL (symmetric: 8). The group size K/G must be a multiple of 32, at most 8192 (int32 sums).
 void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                        const uint8_t* zero, int64_t G, int64_t N, float* y) {
     const int64_t gs = K / G;
     std::vector<int16_t> xq(M * K);
-    std::vector<float> dx(M * G);
+    std::vector<float> dx(M * G), cs(M * G);
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < G; ++g) {
             const float* xg = x + m * K + g * gs;
@@ -211,11 +244,14 @@ void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, c
             const float d = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / d;
             dx[m * G + g] = d;
             int16_t* q = xq.data() + m * K + g * gs;
+            int64_t sum = 0;
             for (int64_t c = 0; c < gs; c += 32)
                 for (int64_t i = 0; i < 16; ++i) {
                     q[c + i] = int16_t(std::lrintf(xg[c + 2 * i] * inv));
                     q[c + 16 + i] = int16_t(std::lrintf(xg[c + 2 * i + 1] * inv));
+                    sum += q[c + i] + q[c + 16 + i];
                 }
+            cs[m * G + g] = d * float(sum);
         }
     }
     const int64_t tasks = (N + kRows - 1) / kRows;
@@ -225,12 +261,13 @@ void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, c
         for (int64_t m = 0; m < M; m += 4) {
             const int16_t* q = xq.data() + m * K;
             const float* d = dx.data() + m * G;
+            const float* c = cs.data() + m * G;
             float* ym = y + m * N;
             switch (std::min<int64_t>(4, M - m)) {
-                case 1: rows_q4<1>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
-                case 2: rows_q4<2>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
-                case 3: rows_q4<3>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
-                default: rows_q4<4>(q, d, K, G, w, scale, zero, n0, n1, N, ym); break;
+                case 1: rows_q4<1>(q, d, c, K, G, w, scale, zero, n0, n1, N, ym); break;
+                case 2: rows_q4<2>(q, d, c, K, G, w, scale, zero, n0, n1, N, ym); break;
+                case 3: rows_q4<3>(q, d, c, K, G, w, scale, zero, n0, n1, N, ym); break;
+                default: rows_q4<4>(q, d, c, K, G, w, scale, zero, n0, n1, N, ym); break;
             }
         }
     }

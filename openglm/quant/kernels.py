@@ -100,10 +100,10 @@ def available() -> bool:
 
 
 def supports(bits: int, in_features: int, group_size: int | None) -> bool:
-    """Whether the kernels take this shape: K a multiple of 8 (INT8) or groups of a multiple of 32 (INT4)."""
+    """Whether the kernels take this shape: K a multiple of 8 (INT8), or groups of a multiple of 32 up to 8192 (INT4)."""
     if bits == 8:
         return in_features % 8 == 0
-    return bool(group_size) and group_size % 32 == 0 and in_features % group_size == 0
+    return bool(group_size) and group_size % 32 == 0 and group_size <= 8192 and in_features % group_size == 0
 
 
 def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -16,6 +17,24 @@ from openglm.quant.linear import QuantLinear, dequantize, quantize_int4, quantiz
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs a C++ compiler")
 
 
+# Builds for instruction sets below this machine's: AVX2 without VNNI, and the portable C++ loops.
+_X86_LEVELS = {"native": None, "avx2": "-march=x86-64-v3", "portable": "-march=x86-64"}
+
+
+@pytest.fixture(params=list(_X86_LEVELS))
+def isa(request, monkeypatch, tmp_path_factory):
+    """The kernels built for this CPU, and (on x86-64) for lesser ones: every code path gives the same products."""
+    march = _X86_LEVELS[request.param]
+    if march is not None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("x86-64 instruction levels")
+        monkeypatch.setattr(kernels, "FLAGS", [march if f == "-march=native" else f for f in kernels.FLAGS])
+        monkeypatch.setenv("OPENGLM_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+        monkeypatch.setitem(kernels._state, "lib", kernels._build())
+        assert kernels.available()
+    return request.param
+
+
 def _close(y, expected, tol):
     err = (y - expected).abs().max() / expected.abs().max()
     assert err < tol, f"relative error {err:.2e}"
@@ -23,7 +42,7 @@ def _close(y, expected, tol):
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 33])
 @pytest.mark.parametrize("N,K", [(40, 72), (48, 64), (7, 8)])  # rows and columns off the kernels' blocks
-def test_int8_any_rows(M, N, K):
+def test_int8_any_rows(M, N, K, isa):
     g = torch.Generator().manual_seed(M * 100 + N)
     w = torch.randn(N, K, generator=g)
     q, scale = quantize_int8(w)
@@ -34,7 +53,7 @@ def test_int8_any_rows(M, N, K):
 @pytest.mark.parametrize("M", [1, 3, 4, 6, 17])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_any_rows_groups_and_zero_points(M, group, symmetric):
+def test_int4_any_rows_groups_and_zero_points(M, group, symmetric, isa):
     N, K = 40, 384  # 384 / 32 = 12 groups: a block of 8 and a remainder
     g = torch.Generator().manual_seed(M * 1000 + group)
     w = torch.randn(N, K, generator=g) + (0 if symmetric else 0.7)  # shifted: zero points away from 8
@@ -59,6 +78,7 @@ def test_shapes_only_pytorch_takes_use_its_kernels():
     ql = QuantLinear.from_linear(lin, 4, 256)  # one group of 256: PyTorch's int4 kernel takes it, and so do we
     assert ql.use_kernels
     assert not kernels.supports(4, 64, 16)  # groups of 16: neither (refused when quantizing, tests/quant/test_linear.py)
+    assert not kernels.supports(4, 16384, 16384)  # int32 sums could overflow
 
 
 def test_compiled_forward_uses_the_custom_operator():
