@@ -29,6 +29,7 @@ import torch
 from ..errors import OpenGLMError
 from ..infer.generate import _Detokenizer, _stop_ids
 from ..infer.sampling import SamplingParams, sample_each
+from ..model.glm import use_decode_layout
 from ..model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,45 @@ class SlotKVCache(KVCache):
             self.lengths[r] += n
         return pos, mask
 
+    def prepare_packed(self, rows: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan a forward of one packed row: ``counts[i]`` tokens for slot ``rows[i]``, one slot after
+        the other, no padding (decode steps and short prompt chunks together).
+
+        Returns ``position_ids [1, N]`` and the bool ``attention_mask [1, N, S]`` over the keys of
+        all those slots laid end to end (``S`` = the sum of their new lengths): a token sees its own
+        slot's keys up to its position, nothing of the others.
+        """
+        device = self.k.device
+        starts = [self.lengths[r] for r in rows]
+        ends = [start + n for start, n in zip(starts, counts)]
+        count_t, end_t = torch.tensor(counts, device=device), torch.tensor(ends, device=device)
+        owner = torch.arange(len(rows), device=device)
+        token_owner, key_owner = owner.repeat_interleave(count_t), owner.repeat_interleave(end_t)
+        # position of each token / key within its own slot
+        first_token = torch.cumsum(count_t, 0) - count_t
+        token_pos = torch.arange(len(token_owner), device=device) - first_token[token_owner] + torch.tensor(
+            starts, device=device)[token_owner]
+        first_key = torch.cumsum(end_t, 0) - end_t
+        key_pos = torch.arange(len(key_owner), device=device) - first_key[key_owner]
+        slots = torch.tensor(rows, device=device)
+        mask = (token_owner[:, None] == key_owner) & (key_pos <= token_pos[:, None])  # (N, S)
+        self._write = (torch.ones(1, len(token_owner), dtype=torch.bool, device=device), slots[token_owner], token_pos)
+        self._read = (slots[key_owner], key_pos)
+        for r, n in zip(rows, counts):
+            self.lengths[r] += n
+        return token_pos[None], mask[None]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the real tokens of ``k, v [B', K, T, D]`` at their planned positions; return the
-        planned rows' keys/values ``[B', K, S, D]``."""
+        planned rows' keys/values ``[B', K, S, D]`` (packed: ``[1, K, S, D]``, the slots end to end)."""
         real, slots, pos = self._write
         # Indices on dims 0 and 2 of [slots, K, max_length, D] select (N, K, D), as k.transpose(1, 2)[real] is.
         self.k[layer][slots, :, pos] = k.transpose(1, 2)[real]
         self.v[layer][slots, :, pos] = v.transpose(1, 2)[real]
+        if isinstance(self._read, tuple):  # packed: gather each slot's keys, (S, K, D) -> (1, K, S, D)
+            key_slots, key_pos = self._read
+            return (self.k[layer][key_slots, :, key_pos].transpose(0, 1)[None],
+                    self.v[layer][key_slots, :, key_pos].transpose(0, 1)[None])
         return self.k[layer][self._read, :, : self._keys], self.v[layer][self._read, :, : self._keys]
 
     def free(self, slot: int) -> None:
@@ -241,11 +274,13 @@ class Engine:
             raise OpenGLMError(f"max_seq_len must be in 1..{limit} (the model's positions), got {max_seq_len}")
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise OpenGLMError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
+        use_decode_layout(model)  # as generate() does: same values, faster few-row products
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_seq_len = max_batch_size, max_queue, max_seq_len
         self.prefill_chunk = prefill_chunk
         self.model_name = model_name or getattr(model, "name_or_path", None) or config.name
         self.steps = 0  # engine steps run so far
+        self.packed_steps = 0  # of which decoded and prefilled in one packed forward
         weight = model.model.norm.weight  # never quantized: the cache's dtype and device
         self._device = weight.device
         self._cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
@@ -387,10 +422,16 @@ class Engine:
         now = time.monotonic()
         self._reap(now)
         self._admit(now)
-        self._prefill()
-        if self._outbox:  # first tokens go out now, not after the batch's decode forward
-            self._flush()
-        self._decode()
+        decoding = [s for s in self._slots if s is not None and s.prefilled == s.prompt_len]
+        batch, counts = self._prefill_plan()
+        if batch and decoding and self._packable(decoding, batch, counts):
+            self._packed(decoding, batch, counts)  # one forward: its weights are read once, not twice
+        else:
+            if batch:
+                self._prefill(batch, counts)
+                if self._outbox:  # first tokens go out now, not after the batch's decode forward
+                    self._flush()
+            self._decode()
         self.steps += 1
 
     def _run_calls(self) -> None:
@@ -431,19 +472,24 @@ class Engine:
             self._cache.free(slot)
             seq.handle.queue_time = now - seq.submitted
 
-    def _prefill(self) -> None:
-        """Feed prompts to the cache, oldest first, in one forward of at most ``prefill_chunk`` token slots.
+    def _prefill_plan(self) -> tuple[list[_Sequence], list[int]]:
+        """The prompts to feed this step, oldest first, in at most ``prefill_chunk`` token slots.
 
         The oldest prompt sets the chunk length T (what it still needs, at most ``prefill_chunk``);
         the next oldest join with up to T tokens each while rows x T stays within the budget.
+        Returns the sequences and how many prompt tokens each feeds.
         """
         prefilling = [s for s in self._slots if s is not None and s.prefilled < s.prompt_len]
         if not prefilling:
-            return
+            return [], []
         prefilling.sort(key=lambda s: s.submitted)
         T = min(prefilling[0].prompt_len - prefilling[0].prefilled, self.prefill_chunk)
         batch = prefilling[: self.prefill_chunk // T]
-        counts = [min(s.prompt_len - s.prefilled, T) for s in batch]
+        return batch, [min(s.prompt_len - s.prefilled, T) for s in batch]
+
+    def _prefill(self, batch: list[_Sequence], counts: list[int]) -> None:
+        """Feed the planned prompt chunks in one left-padded forward; prompts that end emit their first token."""
+        T = max(counts)
         # Left padding repeats a row's first new token: padding keys are never written anyway.
         chunks = [s.ids[s.prefilled : s.prefilled + n] for s, n in zip(batch, counts)]
         ids = torch.tensor([c[:1] * (T - len(c)) + c for c in chunks], device=self._device)  # (B', T)
@@ -456,6 +502,35 @@ class Engine:
                 done.append(i)
         if done:
             self._emit([batch[i] for i in done], logits if len(done) == len(batch) else logits[done])
+
+    # A packed forward gathers its slots' keys (S of them) and scores every token against all of
+    # them: worth it while both stay small next to the weights a separate forward reads again.
+    PACK_MAX_TOKENS, PACK_MAX_KEYS = 64, 4096
+
+    def _packable(self, decoding: list[_Sequence], batch: list[_Sequence], counts: list[int]) -> bool:
+        tokens = len(decoding) + sum(counts)
+        keys = sum(self._cache.lengths[s.slot] + 1 for s in decoding) + sum(
+            self._cache.lengths[s.slot] + n for s, n in zip(batch, counts))
+        return tokens <= self.PACK_MAX_TOKENS and keys <= self.PACK_MAX_KEYS
+
+    def _packed(self, decoding: list[_Sequence], batch: list[_Sequence], counts: list[int]) -> None:
+        """One token for every generating request and the planned prompt chunks, in one packed forward."""
+        rows, all_counts = decoding + batch, [1] * len(decoding) + counts
+        ids = [s.ids[-1] for s in decoding]
+        for seq, n in zip(batch, counts):
+            ids += seq.ids[seq.prefilled : seq.prefilled + n]
+        pos, mask = self._cache.prepare_packed([s.slot for s in rows], all_counts)
+        h = self.model.hidden_states(torch.tensor([ids], device=self._device), pos, mask, self._cache)  # (1, N, C)
+        ends = torch.tensor(all_counts).cumsum(0) - 1  # each row's last token
+        emitting = list(decoding)
+        for seq, n in zip(batch, counts):
+            seq.prefilled += n
+            if seq.prefilled == seq.prompt_len:
+                emitting.append(seq)
+        keep = [i for i, s in enumerate(rows) if s in emitting]
+        logits = self.model.lm_head(h[0, ends[keep]])  # (R, V)
+        self._emit(emitting, logits)
+        self.packed_steps += 1
 
     def _decode(self) -> None:
         """One token for every request past its prompt, in one batched forward."""

@@ -47,9 +47,13 @@ def greedy(n, **kw):
     return SamplingParams(max_new_tokens=n, temperature=0, **kw)
 
 
-def test_requests_joining_and_leaving_mid_batch_match_single_generation(model, tokenizer):
+@pytest.mark.parametrize("packed", [True, False])
+def test_requests_joining_and_leaving_mid_batch_match_single_generation(model, tokenizer, packed, monkeypatch):
     # 3 slots for 5 requests, joining at different steps and prefilled 3 tokens a step (several
-    # chunks for the longer prompts) while the others keep decoding.
+    # chunks for the longer prompts) while the others keep decoding: in the same packed forward as
+    # their decode steps, or in a padded forward of their own.
+    if not packed:
+        monkeypatch.setattr(Engine, "PACK_MAX_TOKENS", 0)
     prompts = [tokenizer.encode(p) for p in PROMPTS] + [tokenizer.encode("blank")]
     lengths = [12, 5, 9, 14, 7]
 
@@ -61,6 +65,7 @@ def test_requests_joining_and_leaving_mid_batch_match_single_generation(model, t
             head += [event] if event else []
         results = [await h.result() for h in handles]
         assert engine.num_running == 0 and engine.num_waiting == 0
+        assert (engine.packed_steps > 0) == packed
         results[0] = (head + results[0][0], results[0][1])
         return handles, results
 
