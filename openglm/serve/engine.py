@@ -6,7 +6,9 @@ it (1) runs the callables queued by ``run_exclusive``, (2) ends cancelled and ti
 at most ``prefill_chunk`` token slots per step, so that a long prompt never stalls the running
 requests for long, (5) runs one batched decode step for every request past its prompt, and (6) samples each
 row with its request's own parameters and random generator, so a seeded request gives the same
-tokens whatever else shares the batch.
+tokens whatever else shares the batch. When the prompt chunks are short, (4) and (5) are one
+forward over all the step's tokens packed into one row (each sees only its own slot's keys), so
+a step reads the weights once.
 
 The asyncio side never calls the model: ``submit`` only queues the request, and the engine thread
 hands each step's events back to the request's event loop with ``call_soon_threadsafe``.
