@@ -102,7 +102,7 @@ def worker(spec: dict) -> dict:
 
                 model = load_model(spec["path"], dtype=getattr(torch, spec["dtype"]))
                 use_decode_layout(model)
-                step_fn, total, state = _compiled_decode_step(), PROMPT + n + 8, {}
+                step_fn, total, state = _compiled_decode_step(model), PROMPT + n + 8, {}
 
                 def forward(ids):
                     cache, keys = state["cache"], state["keys"]

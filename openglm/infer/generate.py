@@ -6,8 +6,8 @@ the same index each step, while its own position ids count from its first real t
 
 from __future__ import annotations
 
-import functools
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -123,11 +123,23 @@ def _decode_step(model, tokens: torch.Tensor, position_ids: torch.Tensor, mask: 
     return model.lm_head(model.model(tokens, position_ids, mask, cache)[:, -1])
 
 
-@functools.cache
-def _compiled_decode_step():
-    # One compiled function per process; inductor specialises it per model and batch size.
-    # freezing: under inference mode the weights become constants that inductor may prepack.
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options={"freezing": True})
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_decode_step(model):
+    """``_decode_step`` compiled for ``model`` (one per model, each specialised per batch size).
+
+    freezing: under inference mode the weights become constants that inductor may prepack, so the
+    compiled step belongs to this model and the guards on its modules can go (they cost ~0.3 ms a
+    step); cpp_wrapper: the graph's calls are made from C++, not Python (~0.3 ms a step more).
+    """
+    if model not in _COMPILED:
+        options = {"freezing": True, "cpp_wrapper": True}
+        skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        if skip is not None:
+            options["guard_filter_fn"] = skip
+        _COMPILED[model] = torch.compile(_decode_step, fullgraph=True, dynamic=False, options=options)
+    return _COMPILED[model]
 
 
 @torch.inference_mode()
@@ -168,7 +180,7 @@ def generate_steps(model, tokenizer, prompts: Sequence[Sequence[int]], params: S
         cache.slots = torch.arange(P, device=device)
         logits = model(ids, _positions(model, pos), keys, cache, logits_to_keep=1)[:, -1]
         cache.slots = torch.zeros(1, dtype=torch.long, device=device)  # then one slot per step, set in place
-        step_fn = _compiled_decode_step()
+        step_fn = _compiled_decode_step(model)
     else:
         logits = model(ids, _positions(model, pos), keys[:, :P] if padded else None, cache, logits_to_keep=1)[:, -1]
     next_pos = pos[:, -1:] + 1

@@ -19,3 +19,20 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_checkpoint, tokenize
     compiled = [(s.row, s.token, s.text) for s in generate_steps(model, tokenizer, prompts, params, compile=True)]
     assert compiled == eager
     assert len(eager) > 2
+
+
+@pytest.mark.slow
+def test_each_model_gets_its_own_compiled_step(tiny_checkpoint, tokenizer):
+    # The step is compiled with the weights as constants: a second model, same shapes, different
+    # weights, must not run the first one's graph.
+    torch._dynamo.reset()
+    first = load_model(tiny_checkpoint)
+    second = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(-1.5)
+    prompt = [tokenizer.encode("The General Language Model")]
+    params = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    for model in (first, second):
+        eager = [s.token for s in generate_steps(model, tokenizer, prompt, params)]
+        assert [s.token for s in generate_steps(model, tokenizer, prompt, params, compile=True)] == eager
