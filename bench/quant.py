@@ -4,8 +4,10 @@
 
 For each model (a config name gets random weights, seed 0; a checkpoint path or bundled name is
 used as it is) one set of weights is saved once and every configuration reads those: openglm at
-fp32, bf16, INT8 and INT4 (group 32, symmetric); transformers at fp32; llama.cpp (when
-``llama-cpp-python`` is installed) on the same weights exported to GGUF f32, q8_0 and q4_0.
+fp32, bf16, INT8 and INT4 (group 32, symmetric), eagerly as ``generate()`` runs and (float32
+activations) as the compiled decode step of ``generate(..., compile=True)``; transformers at fp32;
+llama.cpp (when ``llama-cpp-python`` is installed) on the same weights exported to GGUF f32, q8_0
+and q4_0.
 
 Each measurement runs in its own process (so its peak resident memory is its own), configurations
 alternate, ``--repeats`` times, and medians are reported with the load average seen. Decode speed
