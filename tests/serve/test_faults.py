@@ -83,6 +83,9 @@ def check_books(responses, store, account_id: int, balance: int) -> list[httpx.R
     account = store.get_account(account_id)
     assert account.reserved == 0 and store.open_reservations(account_id) == []
     assert account.balance == balance - totals["cost"] >= 0
+    print(f"{len(responses)} requests: {len(ok)} answered, {len(refused)} refused with 429; ledger "
+          f"{totals['requests']} requests, {totals['prompt_tokens']} + {totals['completion_tokens']} tokens = the "
+          f"clients' usage; cost {totals['cost']} of {balance}, balance {account.balance}, reserved {account.reserved}")
     return ok
 
 
@@ -159,7 +162,8 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
 
     asyncio.run(kill_mid_load())
     with Store(url) as store:
-        assert store.open_reservations(account.id)  # left hanging by the dead server
+        hanging = store.open_reservations(account.id)
+        assert hanging  # left hanging by the dead server
     restarted = ServerProcess(tiny_checkpoint, url)
     try:
         restarted.wait_ready()
@@ -173,3 +177,5 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
         account_now = store.get_account(account.id)
         assert store.open_reservations(account.id) == [] and account_now.reserved == 0
         assert account_now.balance == balance - store.ledger_totals(account.id)["cost"]
+        print(f"killed with {len(hanging)} reservations open; after the restart: 0 open, reserved 0, balance = "
+              f"start - ledger cost ({store.ledger_totals(account.id)})")
