@@ -84,9 +84,10 @@ inline __m256i dot_pairs(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-template <int MB, bool ASYM>
-inline void dot_q4(const int16_t* xq, const float* dx, const float* cs, int64_t ldx, int64_t G, int64_t gb,
+template <int MB, bool ASYM, int GB>  // GB: bytes per group when known at compile time (unrolled), else 0
+inline void dot_q4(const int16_t* xq, const float* dx, const float* cs, int64_t ldx, int64_t G, int64_t gb_,
                    const uint8_t* w, const uint16_t* scale, const uint8_t* zero, float* out) {
+    const int64_t gb = GB ? GB : gb_;
     const __m256i low = _mm256_set1_epi16(15);
     __m256 acc[2][MB], corr[MB];  // two chains, alternate groups; the zero-point term
     for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = corr[m] = _mm256_setzero_ps();
@@ -146,7 +147,7 @@ inline void dot_q8(const float* x, int64_t ldx, int64_t K, const int8_t* w, floa
     }
 }
 
-template <int MB, bool ASYM>
+template <int MB, bool ASYM, int GB>
 inline void dot_q4(const int16_t* xq, const float* dx, const float*, int64_t ldx, int64_t G, int64_t gb,
                    const uint8_t* w, const uint16_t* scale, const uint8_t* zero, float* out) {
     for (int m = 0; m < MB; ++m) {
@@ -195,10 +196,18 @@ inline void rows_q4(const int16_t* xq, const float* dx, const float* cs, int64_t
             for (int64_t k = 0; k < K2; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
         }
 #endif
-        if (zero)
-            dot_q4<MB, true>(xq, dx, cs, K, G, gb, w + n * K2, scale + n * G, zero + n * G, out);
-        else
-            dot_q4<MB, false>(xq, dx, cs, K, G, gb, w + n * K2, scale + n * G, nullptr, out);
+        const uint8_t* wn = w + n * K2;
+        const uint16_t* sn = scale + n * G;
+        const uint8_t* zn = zero ? zero + n * G : nullptr;
+        if (zero) {
+            if (gb == 16) dot_q4<MB, true, 16>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+            else if (gb == 32) dot_q4<MB, true, 32>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+            else dot_q4<MB, true, 0>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+        } else {
+            if (gb == 16) dot_q4<MB, false, 16>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+            else if (gb == 32) dot_q4<MB, false, 32>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+            else dot_q4<MB, false, 0>(xq, dx, cs, K, G, gb, wn, sn, zn, out);
+        }
         for (int m = 0; m < MB; ++m) y[m * N + n] = out[m];
     }
 }
