@@ -282,4 +282,34 @@ void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, c
     }
 }
 
+// Dequantize rows n0..n1 of a weight into float32 out[(n1 - n0), K]: for products with many
+// activation rows (prefill), where a float matrix product on a block of weights beats the loops above.
+void openglm_q8_dequant(const int8_t* w, const uint16_t* scale, int64_t K, int64_t n0, int64_t n1, float* out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+        const float s = bf16(scale[n]);
+        float* o = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = float(w[n * K + k]) * s;
+    }
+}
+
+void openglm_q4_dequant(const uint8_t* w, const uint16_t* scale, const uint8_t* zero, int64_t G, int64_t K,
+                        int64_t n0, int64_t n1, float* out) {
+    const int64_t gs = K / G;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+        float* o = out + (n - n0) * K;
+        const uint8_t* wn = w + n * (K / 2);
+        for (int64_t g = 0; g < G; ++g) {
+            const float s = bf16(scale[n * G + g]);
+            const int z = zero ? zero[n * G + g] : 8;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {
+                const uint8_t b = wn[k / 2];
+                o[k] = float((b & 15) - z) * s;
+                o[k + 1] = float((b >> 4) - z) * s;
+            }
+        }
+    }
+}
+
 }  // extern "C"

@@ -8,6 +8,9 @@ and OpenMP: the first use builds it for this CPU (about a second) into
 flags. Without a compiler, or with ``OPENGLM_KERNELS=0``, ``available()`` is False and
 ``QuantLinear`` uses PyTorch's kernels: same results up to rounding, slower.
 
+Products with many activation rows (``DEQUANT_ROWS``, a prefill) dequantize the weights a block of
+rows at a time and multiply in float32 instead: the loops are made for the few rows of decoding.
+
 Under ``torch.compile`` the products are the custom operators ``openglm::int8_matmul`` and
 ``openglm::int4_matmul``; eager calls go to the library directly (less overhead per call).
 """
@@ -85,6 +88,10 @@ def _build() -> ctypes.CDLL | None:
     lib.openglm_q8_matmul.restype = None
     lib.openglm_q4_matmul.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _P]
     lib.openglm_q4_matmul.restype = None
+    lib.openglm_q8_dequant.argtypes = [_P, _P, _I, _I, _I, _P]
+    lib.openglm_q8_dequant.restype = None
+    lib.openglm_q4_dequant.argtypes = [_P, _P, _P, _I, _I, _I, _I, _P]
+    lib.openglm_q4_dequant.restype = None
     return lib
 
 
@@ -120,6 +127,34 @@ def _int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torc
     y = torch.empty(M, N, dtype=torch.float32)
     library().openglm_q4_matmul(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(),
                                 None if zero is None else zero.data_ptr(), G, N, y.data_ptr())
+    return y
+
+
+# From this many activation rows on (a prefill), products dequantize a block of weight rows at a time
+# and run a float matrix product on it: measured on a 4096x768 layer, even with the loops at 48 rows,
+# 1.8x faster at 128, 2.2x at 512.
+DEQUANT_ROWS = 48
+_BLOCK_BYTES = 32 << 20  # float32 weights dequantized at a time
+
+
+def dequant_matmul(x: torch.Tensor, bits: int, weight: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """``x [M, K] float32`` times the weight dequantized block by block (at most 32 MiB of floats at a time)."""
+    K, N = in_features, scale.shape[0]
+    rows = max(1, min(N, _BLOCK_BYTES // (4 * K)))
+    y = None if rows == N else torch.empty(x.shape[0], N, dtype=torch.float32)
+    block = torch.empty(rows, K, dtype=torch.float32)
+    lib = library()
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        if bits == 8:
+            lib.openglm_q8_dequant(weight.data_ptr(), scale.data_ptr(), K, n0, n1, block.data_ptr())
+        else:
+            lib.openglm_q4_dequant(weight.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+                                   scale.shape[1], K, n0, n1, block.data_ptr())
+        if n1 - n0 == N:
+            return x @ block.t()
+        y[:, n0:n1] = x @ block[: n1 - n0].t()
     return y
 
 

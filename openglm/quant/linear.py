@@ -12,7 +12,8 @@ Portable format (what ``state_dict()`` holds and the safetensors file stores), f
 
 The products read the small integer weights and never build the full-precision matrix. On the
 CPU they run the kernels of ``kernels.py`` on the portable tensors as they are (float32
-activations; INT4 takes them at int16 precision per group). Where those cannot be built (no
+activations; INT4 takes them at int16 precision per group); a product with many activation rows
+(a prefill) dequantizes a block of weight rows at a time into a float32 buffer instead. Where those cannot be built (no
 compiler), PyTorch's packed weight-only kernels run instead (``aten._weight_int8pack_mm`` and
 ``aten._weight_int4pack_mm_for_cpu``, with bfloat16 activations, slower at decode): the int4 one
 wants its own, CPU-specific nibble layout, built from the portable form when a module is loaded
@@ -169,10 +170,14 @@ class QuantLinear(nn.Module):
         shape = x.shape
         if self.use_kernels:
             x2 = x.reshape(-1, self.in_features)  # (B*T, K)
-            if self.bits == 8:
+            zero = getattr(self, "weight_zero", None)
+            if x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling():  # prefill: float products
+                y = kernels.dequant_matmul(x2.float().contiguous(), self.bits, self.weight, self.weight_scale, zero,
+                                           self.in_features)
+            elif self.bits == 8:
                 y = kernels.int8_matmul(x2, self.weight, self.weight_scale)
             else:
-                y = kernels.int4_matmul(x2, self.weight, self.weight_scale, getattr(self, "weight_zero", None))
+                y = kernels.int4_matmul(x2, self.weight, self.weight_scale, zero)
             y = y.to(x.dtype).view(*shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)

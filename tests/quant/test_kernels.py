@@ -63,6 +63,21 @@ def test_int4_any_rows_groups_and_zero_points(M, group, symmetric, isa):
     _close(kernels.int4_matmul(x, q, scale, zero), expected, 1e-4)  # x at int16 precision per group
 
 
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 64, False)])
+def test_many_rows_take_dequantized_blocks(bits, group, symmetric, isa, monkeypatch):
+    # A prefill: the weight is dequantized a block of rows at a time (one block, then three) and
+    # multiplied in float.
+    lin = nn.Linear(128, 48, bias=True)
+    ql = QuantLinear.from_linear(lin, bits, group, symmetric)
+    state = ql.state_dict()
+    w = dequantize(state["weight"], state["weight_scale"], state.get("weight_zero"), bits, group)
+    for block_rows in (48, 16):
+        monkeypatch.setattr(kernels, "_BLOCK_BYTES", block_rows * 128 * 4)
+        for rows in (kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 100):  # the loops, then the blocks
+            x = torch.randn(rows, 128)
+            _close(ql(x), x @ w.t() + lin.bias, 1e-5 if rows >= kernels.DEQUANT_ROWS or bits == 8 else 1e-4)
+
+
 def test_zero_activations_and_bf16_inputs():
     q, scale, _ = quantize_int4(torch.randn(16, 64), 32, True)
     assert torch.equal(kernels.int4_matmul(torch.zeros(2, 64), q, scale, None), torch.zeros(2, 16))
