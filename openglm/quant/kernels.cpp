@@ -166,18 +166,23 @@ inline void dot_q4(const int16_t* xq, const float* dx, const float*, int64_t ldx
 }
 #endif
 
+// Ask for a weight row's cache lines ahead of its use (a hint: addresses past the end are harmless).
+inline void prefetch(const void* row, int64_t bytes) {
+#ifdef OPENGLM_AVX2
+    const char* p = static_cast<const char*>(row);
+    for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+#else
+    (void)row, (void)bytes;
+#endif
+}
+
 template <int MB>
 inline void rows_q8(const float* x, int64_t K, const int8_t* w, const uint16_t* scale, int64_t n0, int64_t n1,
                     int64_t N, float* y) {
     constexpr int U = MB <= 2 ? 4 : (MB <= 4 ? 2 : 1);
     float out[MB];
     for (int64_t n = n0; n < n1; ++n) {
-#ifdef OPENGLM_AVX2
-        {
-            const char* p = reinterpret_cast<const char*>(w + (n + kAhead) * K);
-            for (int64_t k = 0; k < K; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
-        }
-#endif
+        prefetch(w + (n + kAhead) * K, K);
         dot_q8<MB, U>(x, K, K, w + n * K, out);
         const float s = bf16(scale[n]);
         for (int m = 0; m < MB; ++m) y[m * N + n] = out[m] * s;
@@ -190,12 +195,7 @@ inline void rows_q4(const int16_t* xq, const float* dx, const float* cs, int64_t
     const int64_t K2 = K / 2, gb = K2 / G;
     float out[MB];
     for (int64_t n = n0; n < n1; ++n) {
-#ifdef OPENGLM_AVX2
-        {
-            const char* p = reinterpret_cast<const char*>(w + (n + kAhead) * K2);
-            for (int64_t k = 0; k < K2; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
-        }
-#endif
+        prefetch(w + (n + kAhead) * K2, K2);
         const uint8_t* wn = w + n * K2;
         const uint16_t* sn = scale + n * G;
         const uint8_t* zn = zero ? zero + n * G : nullptr;
