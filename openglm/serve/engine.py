@@ -497,13 +497,19 @@ class Engine:
         ids = torch.tensor([c[:1] * (T - len(c)) + c for c in chunks], device=self._device)  # (B', T)
         pos, mask = self._cache.prepare([s.slot for s in batch], counts)
         logits = self.model(ids, pos, mask, self._cache, logits_to_keep=1)[:, -1]  # (B', V): each row's last token
+        done = self._fed(batch, counts)
+        if done:
+            self._emit([batch[i] for i in done], logits if len(done) == len(batch) else logits[done])
+
+    @staticmethod
+    def _fed(batch: list[_Sequence], counts: list[int]) -> list[int]:
+        """Count the prompt chunks just fed as prefilled; the indices of the prompts that are now complete."""
         done = []
         for i, (seq, n) in enumerate(zip(batch, counts)):
             seq.prefilled += n
             if seq.prefilled == seq.prompt_len:
                 done.append(i)
-        if done:
-            self._emit([batch[i] for i in done], logits if len(done) == len(batch) else logits[done])
+        return done
 
     # A packed forward gathers its slots' keys (S of them) and scores every token against all of
     # them: worth it while both stay small next to the weights a separate forward reads again.
@@ -524,14 +530,10 @@ class Engine:
         pos, mask = self._cache.prepare_packed([s.slot for s in rows], all_counts)
         h = self.model.hidden_states(torch.tensor([ids], device=self._device), pos, mask, self._cache)  # (1, N, C)
         ends = torch.tensor(all_counts).cumsum(0) - 1  # each row's last token
-        emitting = list(decoding)
-        for seq, n in zip(batch, counts):
-            seq.prefilled += n
-            if seq.prefilled == seq.prompt_len:
-                emitting.append(seq)
-        keep = [i for i, s in enumerate(rows) if s in emitting]
+        done = self._fed(batch, counts)
+        keep = list(range(len(decoding))) + [len(decoding) + i for i in done]
         logits = self.model.lm_head(h[0, ends[keep]])  # (R, V)
-        self._emit(emitting, logits)
+        self._emit(decoding + [batch[i] for i in done], logits)
         self.packed_steps += 1
 
     def _decode(self) -> None:
