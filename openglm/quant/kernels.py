@@ -114,6 +114,7 @@ def supports(bits: int, in_features: int, group_size: int | None) -> bool:
 
 
 def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = x.float().contiguous()
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
@@ -122,6 +123,7 @@ def _int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 def _int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    x = x.float().contiguous()
     M, K = x.shape
     N, G = scale.shape
     y = torch.empty(M, N, dtype=torch.float32)
@@ -163,8 +165,8 @@ def dequant_matmul(x: torch.Tensor, bits: int, weight: torch.Tensor, scale: torc
 _ops = torch.library.Library("openglm", "DEF")
 _ops.define("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _ops.define("int4_matmul(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor")
-_ops.impl("int8_matmul", lambda x, weight, scale: _int8(x.float().contiguous(), weight, scale), "CPU")
-_ops.impl("int4_matmul", lambda x, weight, scale, zero: _int4(x.float().contiguous(), weight, scale, zero), "CPU")
+_ops.impl("int8_matmul", _int8, "CPU")
+_ops.impl("int4_matmul", _int4, "CPU")
 
 
 @torch.library.register_fake("openglm::int8_matmul")
@@ -181,11 +183,11 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """``x [M, K] @ (weight [N, K] int8 * scale [N] bf16)^T`` -> float32 ``[M, N]`` (``available()`` must hold)."""
     if torch.compiler.is_compiling():
         return torch.ops.openglm.int8_matmul(x, weight, scale)
-    return _int8(x.float().contiguous(), weight, scale)
+    return _int8(x, weight, scale)
 
 
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """``x [M, K]`` times the portable INT4 weight ``[N, K/2]`` (scale/zero ``[N, G]``) transposed -> float32 ``[M, N]``."""
     if torch.compiler.is_compiling():
         return torch.ops.openglm.int4_matmul(x, weight, scale, zero)
-    return _int4(x.float().contiguous(), weight, scale, zero)
+    return _int4(x, weight, scale, zero)

@@ -13,11 +13,12 @@ Portable format (what ``state_dict()`` holds and the safetensors file stores), f
 The products read the small integer weights and never build the full-precision matrix. On the
 CPU they run the kernels of ``kernels.py`` on the portable tensors as they are (float32
 activations; INT4 takes them at int16 precision per group); a product with many activation rows
-(a prefill) dequantizes a block of weight rows at a time into a float32 buffer instead. Where those cannot be built (no
-compiler), PyTorch's packed weight-only kernels run instead (``aten._weight_int8pack_mm`` and
-``aten._weight_int4pack_mm_for_cpu``, with bfloat16 activations, slower at decode): the int4 one
-wants its own, CPU-specific nibble layout, built from the portable form when a module is loaded
-(the portable tensors are then dropped and ``state_dict()`` rebuilds them exactly from it).
+(a prefill) dequantizes a block of weight rows at a time into a float32 buffer instead. Where the
+kernels cannot be built (no compiler), PyTorch's packed weight-only kernels run instead
+(``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``, with bfloat16 activations,
+slower at decode): the int4 one wants its own, CPU-specific nibble layout, built from the portable
+form when a module is loaded (the portable tensors are then dropped and ``state_dict()`` rebuilds
+them exactly from it).
 Either way an INT4 model holds half a byte per weight plus its scales. Scales are bfloat16, the
 kernels' own precision, so what is saved is exactly what runs.
 """
