@@ -56,9 +56,14 @@ class StaticKVCache(KVCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.slots = torch.zeros(1, dtype=torch.long, device=self.k.device)
+        # One tensor per layer (views would alias): a compiled step then writes each in place,
+        # where a write into a slice of one [layers, ...] buffer made inductor copy the whole buffer.
+        self.k_layers = [k.clone() for k in self.k.unbind(0)]
+        self.v_layers = [v.clone() for v in self.v.unbind(0)]
+        self.k = self.v = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write ``k, v [B, K, T, D]`` at ``slots`` and return all keys/values ``[B, K, max_length, D]``."""
-        self.k[layer].index_copy_(2, self.slots, k)
-        self.v[layer].index_copy_(2, self.slots, v)
-        return self.k[layer], self.v[layer]
+        self.k_layers[layer].index_copy_(2, self.slots, k)
+        self.v_layers[layer].index_copy_(2, self.slots, v)
+        return self.k_layers[layer], self.v_layers[layer]
