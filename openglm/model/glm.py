@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..config import Config
 from .kv_cache import KVCache, StaticKVCache
 from .masks import padding_causal_mask
@@ -59,6 +60,17 @@ def apply_rotary(x: torch.Tensor, rotations: list[tuple[torch.Tensor, torch.Tens
     return torch.cat(out, dim=-1)
 
 
+def _decode_kernel(q: torch.Tensor, k: torch.Tensor, mask) -> bool:
+    """Whether a one-query attention runs on our CPU kernel (float32 inference, bool ``[B|1, 1, 1, S]`` mask)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or q.stride(-1) != 1:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return False
+    if isinstance(mask, torch.Tensor) and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)):
+        return False
+    return k.stride(-1) == 1 and kernels.attention_available()
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
@@ -78,7 +90,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rotations), apply_rotary(k, rotations)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        if isinstance(mask, torch.Tensor):
+        if T == 1 and mask is not True and _decode_kernel(q, k, mask):
+            y = kernels.decode_attention(q, k, v, mask if isinstance(mask, torch.Tensor) else None, self.head_dim ** -0.5)
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:  # mask is a bool: causal or not (a single decode step sees every key)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask, enable_gqa=True)

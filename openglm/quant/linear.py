@@ -11,7 +11,7 @@ Portable format (what ``state_dict()`` holds and the safetensors file stores), f
   (asymmetric only, values 0..15; symmetric means zero 8). ``w = (q - zero) * scale`` per group.
 
 The products read the small integer weights and never build the full-precision matrix. On the
-CPU they run the kernels of ``kernels.py`` on the portable tensors as they are (float32
+CPU they run the kernels of ``openglm.kernels`` on the portable tensors as they are (float32
 activations; INT4 takes them at int16 precision per group); a product with many activation rows
 (a prefill) dequantizes a block of weight rows at a time into a float32 buffer instead. Where the
 kernels cannot be built (no compiler), PyTorch's packed weight-only kernels run instead
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OpenGLMError
-from . import kernels
+from .. import kernels
 
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel packs 16 output rows together
 

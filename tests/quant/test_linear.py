@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from openglm.errors import OpenGLMError
-from openglm.quant import kernels
+from openglm import kernels
 from openglm.quant.linear import (QuantEmbedding, QuantLinear, dequantize, pack_nibbles, quantize_int4, quantize_int8,
                                   unpack_nibbles)
 

@@ -1,4 +1,5 @@
-// Weight-only INT8 / INT4 matrix products for the CPU: y[M, N] = x[M, K] @ W[N, K]^T.
+// CPU kernels for decoding: weight-only INT8 / INT4 matrix products, y[M, N] = x[M, K] @ W[N, K]^T,
+// and the attention of one new token per sequence over its cached keys and values.
 //
 // Decoding reads every weight once per token, so at small M the product is bound by memory
 // bandwidth, not arithmetic: these loops stream the packed integers once, widen them to float in
@@ -8,6 +9,10 @@
 // Activations stay float32: results match the float product of the dequantized weights up to
 // summation order. Output rows are split across the caller's OpenMP threads (PyTorch's own pool
 // when it is loaded first, as it is by openglm).
+//
+// Built with OPENGLM_TORCH_OPS (and PyTorch's stable C++ API headers), the file also registers
+// them as the operators openglm::int8_matmul, int4_matmul and decode_attention, so that a compiled
+// graph calls them straight from C++.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -166,6 +171,74 @@ inline void dot_q4(const int16_t* xq, const float* dx, const float*, int64_t ldx
 }
 #endif
 
+// a . b and o += e * a over n floats.
+inline float dot(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef OPENGLM_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+inline void axpy(float e, const float* a, float* o, int64_t n) {
+    int64_t i = 0;
+#ifdef OPENGLM_AVX2
+    const __m256 ev = _mm256_set1_ps(e);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ev, _mm256_loadu_ps(a + i), _mm256_loadu_ps(o + i)));
+#endif
+    for (; i < n; ++i) o[i] += e * a[i];
+}
+
+#ifdef OPENGLM_AVX2
+// e^x for 8 floats, x <= 88 (Cephes' polynomial: within 2 ulp of expf); below -87 gives ~1e-38.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln2 in two parts
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+// p[s] <- e^(p[s] - best), exactly 0 where p[s] is -inf (a hidden key); returns their sum.
+inline float softmax_numerators(float* p, int64_t S, float best) {
+    int64_t s = 0;
+    float total = 0.f;
+#ifdef OPENGLM_AVX2
+    const __m256 bv = _mm256_set1_ps(best), hidden = _mm256_set1_ps(-INFINITY);
+    __m256 acc = _mm256_setzero_ps();
+    for (; s + 8 <= S; s += 8) {
+        const __m256 x = _mm256_loadu_ps(p + s);
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, hidden, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, bv)));
+        _mm256_storeu_ps(p + s, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    total = hsum(acc);
+#endif
+    for (; s < S; ++s) {
+        p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - best);
+        total += p[s];
+    }
+    return total;
+}
+
 // Ask for a weight row's cache lines ahead of its use (a hint: addresses past the end are harmless).
 inline void prefetch(const void* row, int64_t bytes) {
 #ifdef OPENGLM_AVX2
@@ -312,4 +385,105 @@ void openglm_q4_dequant(const uint8_t* w, const uint16_t* scale, const uint8_t* 
     }
 }
 
+// Attention of one query per (sequence, head) over S cached keys: out[b, h] = softmax(scale * q.K^T) V
+// over the keys mask[b, s] marks visible (all when mask is NULL); head h reads key/value head
+// h / (H / KH). Strides in elements; the last dim of q, k and v is contiguous. A row that sees no key
+// gets zeros. Work under ~1M multiply-adds stays on the calling thread: waking the others costs more.
+void openglm_decode_attention(const float* q, int64_t sqb, int64_t sqh, const float* k, int64_t skb, int64_t skh,
+                              int64_t sks, const float* v, int64_t svb, int64_t svh, int64_t svs, const bool* mask,
+                              int64_t smb, int64_t sms, int64_t B, int64_t H, int64_t KH, int64_t S, int64_t D,
+                              float scale, float* out) {
+    const int64_t group = H / KH;
+#pragma omp parallel for schedule(static) if (B * H * S * D >= (1 << 20))
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kh = h / group;
+        const float* qp = q + b * sqb + h * sqh;
+        const float* kp = k + b * skb + kh * skh;
+        const float* vp = v + b * svb + kh * svh;
+        const bool* mp = mask ? mask + b * smb : nullptr;
+        thread_local std::vector<float> buf;
+        buf.resize(S);
+        float* p = buf.data();
+        float best = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+            p[s] = mp && !mp[s * sms] ? -INFINITY : dot(qp, kp + s * sks, D) * scale;
+            best = std::max(best, p[s]);
+        }
+        float* o = out + bh * D;
+        std::fill(o, o + D, 0.f);
+        if (best == -INFINITY) continue;
+        const float total = softmax_numerators(p, S, best);
+        for (int64_t s = 0; s < S; ++s)
+            if (p[s] != 0.f) axpy(p[s], vp + s * svs, o, D);
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
 }  // extern "C"
+
+
+#ifdef OPENGLM_TORCH_OPS
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+Tensor float32(const Tensor& x) {  // a float32 row-major copy of x where it is not one already
+    const Tensor t = x.scalar_type() == ScalarType::Float ? x : torch::stable::to(x, ScalarType::Float);
+    return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
+template <typename T>
+const T* ptr(const Tensor& t) { return static_cast<const T*>(t.data_ptr()); }
+
+Tensor int8_matmul(Tensor x, Tensor weight, Tensor scale) {
+    const Tensor xf = float32(x);
+    const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
+    Tensor y = torch::stable::new_empty(xf, {M, N});
+    openglm_q8_matmul(ptr<float>(xf), M, K, ptr<int8_t>(weight), ptr<uint16_t>(scale), N,
+                      static_cast<float*>(y.data_ptr()));
+    return y;
+}
+
+Tensor int4_matmul(Tensor x, Tensor weight, Tensor scale, std::optional<Tensor> zero) {
+    const Tensor xf = float32(x);
+    const int64_t M = xf.size(0), K = xf.size(1), N = scale.size(0), G = scale.size(1);
+    Tensor y = torch::stable::new_empty(xf, {M, N});
+    openglm_q4_matmul(ptr<float>(xf), M, K, ptr<uint8_t>(weight), ptr<uint16_t>(scale),
+                      zero ? ptr<uint8_t>(*zero) : nullptr, G, N, static_cast<float*>(y.data_ptr()));
+    return y;
+}
+
+// q [B, H, 1, D], k and v [B, KH, S, D] (any strides but the last), mask bool [B or 1, 1, 1, S] or none.
+Tensor decode_attention(Tensor q, Tensor k, Tensor v, std::optional<Tensor> mask, double scale) {
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KH = k.size(1), S = k.size(2);
+    Tensor out = torch::stable::new_empty(q, {B, H, 1, D});
+    const bool* m = mask ? ptr<bool>(*mask) : nullptr;
+    const int64_t smb = mask && mask->size(0) > 1 ? mask->stride(0) : 0, sms = mask ? mask->stride(3) : 0;
+    openglm_decode_attention(ptr<float>(q), q.stride(0), q.stride(1), ptr<float>(k), k.stride(0), k.stride(1),
+                             k.stride(2), ptr<float>(v), v.stride(0), v.stride(1), v.stride(2), m, smb, sms, B, H, KH,
+                             S, D, float(scale), static_cast<float*>(out.data_ptr()));
+    return out;
+}
+
+}  // namespace
+
+extern "C" int openglm_torch_ops() { return 1; }
+
+STABLE_TORCH_LIBRARY(openglm, m) {
+    m.def("int8_matmul(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+    m.def("int4_matmul(Tensor x, Tensor weight, Tensor scale, Tensor? zero) -> Tensor");
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(openglm, CPU, m) {
+    m.impl("int8_matmul", TORCH_BOX(&int8_matmul));
+    m.impl("int4_matmul", TORCH_BOX(&int4_matmul));
+    m.impl("decode_attention", TORCH_BOX(&decode_attention));
+}
+#endif
