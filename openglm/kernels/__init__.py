@@ -224,11 +224,29 @@ def _register(in_cpp: bool) -> None:
         def _(q, k, v, mask, scale):
             return q.new_empty(q.shape, dtype=torch.float32)
 
+        @torch.library.register_fake("openglm::int8_matmul3")
+        def _(x, w0, s0, w1, s1, w2, s2):
+            return tuple(x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32) for w in (w0, w1, w2))
+
+        @torch.library.register_fake("openglm::int4_matmul3")
+        def _(x, w0, s0, z0, w1, s1, z1, w2, s2, z2):
+            return tuple(x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32) for w in (w0, w1, w2))
+
 
 @torch.compiler.assume_constant_result  # run, not traced, when a graph is compiled
 def attention_available() -> bool:
-    """Whether ``decode_attention`` runs here (the kernels built with their C++ operators)."""
+    """Whether ``decode_attention`` and the three-product operators run here (the kernels built with their C++ operators)."""
     return library() is not None and _state.get("ops") == "C++"
+
+
+def int8_matmul3(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three INT8 products of one ``x [M, K]``, ``weights`` = ``w0, scale0, w1, scale1, w2, scale2``, in one call."""
+    return torch.ops.openglm.int8_matmul3(x, *weights)
+
+
+def int4_matmul3(x: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three INT4 products of one ``x [M, K]`` with the same group size, ``weights`` = ``w0, scale0, zero0, ...``."""
+    return torch.ops.openglm.int4_matmul3(x, *weights)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

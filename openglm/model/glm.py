@@ -81,12 +81,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=False)
+        self.qkv = None  # the three projections as one call, where use_decode_layout found one
 
     def forward(self, x, rotations, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None and self.qkv.layers == (self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, rotations), apply_rotary(k, rotations)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
@@ -279,9 +284,14 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
     measured on a 2-core AVX2 CPU at ~15-16 GB/s for the wide layers (``gate_up_proj``,
     ``lm_head``) against ~9-10 GB/s in the ``[out, in]`` layout; narrow layers were faster as they
     are. Only float32 weights: bfloat16 products in that layout were tens of times slower. Other
-    layer types (e.g. quantized ones) are left alone. Idempotent; returns ``model``.
+    layer types are left alone, but quantized q/k/v projections of an attention get one call for
+    the three (``SharedInputProducts``). Idempotent; returns ``model``.
     """
+    from ..quant.linear import SharedInputProducts
+
     for module in model.modules():
+        if isinstance(module, Attention):
+            module.qkv = SharedInputProducts.of([module.q_proj, module.k_proj, module.v_proj])
         if (type(module) is nn.Linear and module.out_features >= module.in_features and module.weight.is_contiguous()
                 and module.weight.dtype == torch.float32):
             module.weight.data = module.weight.data.t().contiguous().t()

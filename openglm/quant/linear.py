@@ -230,6 +230,44 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
 
 
+class SharedInputProducts:
+    """Three ``QuantLinear`` layers that read the same input (a layer's q, k and v) run as one kernel call.
+
+    One pass over the input, one team of threads and one call instead of three: a decode step makes
+    ~70 small products, and each call costs a few microseconds beyond its arithmetic. The layers keep
+    their own weights (state dicts and checkpoints are unchanged); ``of`` gives None where the
+    kernels cannot take them together. Prefills (``DEQUANT_ROWS`` rows and more) run layer by layer.
+    """
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    @classmethod
+    def of(cls, layers) -> "SharedInputProducts | None":
+        if len(layers) != 3 or not kernels.attention_available():
+            return None
+        first = layers[0]
+        same = all(isinstance(m, QuantLinear) and m.use_kernels and m.bits == first.bits and m.in_features == first.in_features
+                   and m.group_size == first.group_size for m in layers)
+        return cls(layers) if same else None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        layers = self.layers
+        x2 = x.reshape(-1, layers[0].in_features)
+        if not all(m.use_kernels for m in layers) or (x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling()):
+            return [m(x) for m in layers]
+        if layers[0].bits == 8:
+            ys = kernels.int8_matmul3(x2, *(t for m in layers for t in (m.weight, m.weight_scale)))
+        else:
+            ys = kernels.int4_matmul3(x2, *(t for m in layers
+                                           for t in (m.weight, m.weight_scale, getattr(m, "weight_zero", None))))
+        out = []
+        for m, y in zip(layers, ys):
+            y = y.to(x.dtype).view(*x.shape[:-1], m.out_features)
+            out.append(y if m.bias is None else y + m.bias)
+        return out
+
+
 def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """Portable ``scale, zero [N, G]`` -> the kernel's bf16 ``[G, N, 2]``.
 

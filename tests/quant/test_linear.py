@@ -129,3 +129,34 @@ def test_shapes_the_kernels_cannot_take_are_refused():
         QuantLinear.from_linear(_linear(k=12), 8)
     with pytest.raises(OpenGLMError, match="multiple of 16"):
         QuantLinear.from_linear(_linear(n=40), 4, 32)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 64, False)])
+@pytest.mark.parametrize("compile", [False, True])
+def test_shared_input_products_equal_the_separate_layers(bits, group, symmetric, compile):
+    from openglm.quant.linear import SharedInputProducts
+
+    layers = [QuantLinear.from_linear(_linear(n, 128, bias=b, seed=n), bits, group, symmetric)
+              for n, b in ((96, True), (32, False), (48, True))]  # q, k, v of different sizes
+    fused = SharedInputProducts.of(layers)
+    assert fused is not None
+    x = torch.randn(2, 3, 128)
+    run = torch.compile(fused, fullgraph=True) if compile else fused
+    if compile:
+        torch._dynamo.reset()
+    with torch.inference_mode():
+        for got, layer in zip(run(x), layers):
+            assert torch.equal(got, layer(x))  # the same arithmetic per row: bit-identical
+        many = torch.randn(kernels.DEQUANT_ROWS, 128)  # a prefill: layer by layer
+        assert all(torch.equal(g, m(many)) for g, m in zip(fused(many), layers))
+
+
+def test_shared_input_products_only_where_the_kernels_take_them_together(monkeypatch):
+    from openglm.quant.linear import SharedInputProducts
+
+    q = QuantLinear.from_linear(_linear(32, 64), 4, 32)
+    assert SharedInputProducts.of([q, QuantLinear.from_linear(_linear(32, 64), 4, 64), q]) is None  # group sizes
+    assert SharedInputProducts.of([q, QuantLinear.from_linear(_linear(32, 64), 8), q]) is None  # schemes
+    assert SharedInputProducts.of([q, _linear(32, 64), q]) is None  # a float layer
+    monkeypatch.setitem(kernels._state, "lib", None)
+    assert SharedInputProducts.of([q, q, q]) is None  # no compiled kernels

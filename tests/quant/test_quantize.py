@@ -96,3 +96,31 @@ def test_quantized_model_under_torch_compile(tiny_checkpoint, ids):
         eager = model(ids)
         compiled = torch.compile(model)(ids)
     assert torch.allclose(compiled, eager, atol=1e-2, rtol=1e-2)
+
+
+def test_decode_layout_fuses_quantized_qkv_without_changing_outputs(tiny_checkpoint, ids, tmp_path):
+    from openglm.model.glm import Attention, use_decode_layout
+
+    model = quantize_model(load_model(tiny_checkpoint), "int4", 32)
+    with torch.no_grad():
+        before = model(ids)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        use_decode_layout(model)
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attentions and all(a.qkv is not None for a in attentions)
+
+        def steps():  # one token at a time: the fused call
+            cache = model.new_cache(ids.shape[0], ids.shape[1])
+            return torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+
+        fused, kept = steps(), [a.qkv for a in attentions]
+        for a in attentions:
+            a.qkv = None
+        assert torch.equal(fused, steps())  # the same arithmetic per row as three calls
+        for a, qkv in zip(attentions, kept):
+            a.qkv = qkv
+    assert torch.allclose(fused, before, atol=1e-3, rtol=1e-3)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    save_model(model, tmp_path / "again")  # the checkpoint is as before
+    assert torch.equal(load_model(tmp_path / "again")(ids), before)
