@@ -120,3 +120,22 @@ def test_built_once_into_the_cache_and_off_by_environment(tmp_path):
     built = list(tmp_path.glob("*.so"))[0].stat().st_mtime_ns
     assert run({}) == ["True", "['.so']\n"]  # reused, not rebuilt
     assert list(tmp_path.glob("*.so"))[0].stat().st_mtime_ns == built
+
+
+def test_without_pytorch_headers_the_operators_are_registered_from_python(tmp_path):
+    # Where the C++ registration cannot be built, the same operators come from Python: compiled
+    # graphs still run the kernels, and attention falls back to SDPA.
+    code = """
+import torch, torch.nn as nn
+from openglm import kernels
+kernels._torch_flags = lambda: ["-DOPENGLM_TORCH_OPS", "-I/nonexistent", "<source>"]  # the headers are missing
+from openglm.quant.linear import QuantLinear, SharedInputProducts
+ql = QuantLinear.from_linear(nn.Linear(64, 32), 4, 32)
+x = torch.randn(2, 64)
+compiled = torch.compile(lambda x: ql(x), fullgraph=True)
+print(kernels._state["ops"], kernels.attention_available(), SharedInputProducts.of([ql, ql, ql]),
+      torch.allclose(compiled(x), ql(x), atol=1e-6))
+"""
+    env = {**os.environ, "OPENGLM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["Python", "False", "None", "True"]
