@@ -117,7 +117,7 @@ def worker(spec: dict) -> dict:
                         p = state["pos"]
                         keys[:, p] = True
                         cache.slots.fill_(p)
-                        logits = step_fn(model, ids, torch.full((B, 1), p), keys[:, None, None], cache)
+                        logits = step_fn(model, ids, torch.full((B, 1), p), keys[:, None, None], cache, cache.slots)
                         cache.length += 1
                         state["pos"] = p + 1
                     return logits.argmax(-1, keepdim=True)

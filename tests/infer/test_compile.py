@@ -36,3 +36,16 @@ def test_each_model_gets_its_own_compiled_step(tiny_checkpoint, tokenizer):
     for model in (first, second):
         eager = [s.token for s in generate_steps(model, tokenizer, prompt, params)]
         assert [s.token for s in generate_steps(model, tokenizer, prompt, params, compile=True)] == eager
+
+
+@pytest.mark.slow
+def test_later_generations_with_new_caches_and_batch_sizes(tiny_checkpoint, tokenizer):
+    # Each generation brings a new static cache (and its slot tensor): the compiled step must use
+    # those, not the first generation's.
+    torch._dynamo.reset()
+    model = load_model(tiny_checkpoint)
+    params = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[])
+    for prompts in ([tokenizer.encode("Once upon a time")], [tokenizer.encode("通用"), tokenizer.encode("The model")],
+                    [tokenizer.encode("A prime number is")]):
+        eager = [(s.row, s.token) for s in generate_steps(model, tokenizer, prompts, params)]
+        assert [(s.row, s.token) for s in generate_steps(model, tokenizer, prompts, params, compile=True)] == eager
