@@ -19,8 +19,8 @@ without entering Python (~4 us a call saved, ~70 calls a token); where that part
 they are registered from Python instead.
 
 ``decode_attention`` (one query per sequence and head over cached keys, as each decoding step
-has) is only offered with the C++ registration; elsewhere ``attention_available()`` is False and
-the model calls SDPA.
+has) and the three-product forms (a layer's q, k and v in one call) come with the C++ registration
+only; elsewhere ``cpp_operators_available()`` is False, the model calls SDPA and three products.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def _register(in_cpp: bool) -> None:
 
 
 @torch.compiler.assume_constant_result  # run, not traced, when a graph is compiled
-def attention_available() -> bool:
+def cpp_operators_available() -> bool:
     """Whether ``decode_attention`` and the three-product operators run here (the kernels built with their C++ operators)."""
     return library() is not None and _state.get("ops") == "C++"
 

@@ -353,6 +353,19 @@ struct Tasks {
     }
 };
 
+// body(i, n0, n1, m, rows) for each block of kRows output rows n0..n1 of product i and each block
+// of up to 4 activation rows from m, the output blocks split across the threads.
+template <typename Body>
+void for_each_block(int64_t count, const int64_t* N, int64_t M, Body body) {
+    const Tasks tasks(count, N);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks.total(); ++t) {
+        const int64_t i = tasks.product(t);
+        const int64_t n0 = (t - tasks.first[i]) * kRows, n1 = std::min(N[i], n0 + kRows);
+        for (int64_t m = 0; m < M; m += 4) body(i, n0, n1, m, std::min<int64_t>(4, M - m));
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -363,22 +376,16 @@ int openglm_kernels_version() { return 1; }
 // y[i][M, N[i]] = x[M, K] @ (w[i][N[i], K] * scale[i][N[i], None])^T; K a multiple of 8; x, y float32, contiguous.
 void openglm_q8_matmul_n(const float* x, int64_t M, int64_t K, int64_t count, const int8_t* const* w,
                          const uint16_t* const* scale, const int64_t* N, float* const* y) {
-    const Tasks tasks(count, N);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tasks.total(); ++t) {
-        const int64_t i = tasks.product(t), Ni = N[i];
-        const int64_t n0 = (t - tasks.first[i]) * kRows, n1 = std::min(Ni, n0 + kRows);
-        for (int64_t m = 0; m < M; m += 4) {
-            const float* xm = x + m * K;
-            float* ym = y[i] + m * Ni;
-            switch (std::min<int64_t>(4, M - m)) {
-                case 1: rows_q8<1>(xm, K, w[i], scale[i], n0, n1, Ni, ym); break;
-                case 2: rows_q8<2>(xm, K, w[i], scale[i], n0, n1, Ni, ym); break;
-                case 3: rows_q8<3>(xm, K, w[i], scale[i], n0, n1, Ni, ym); break;
-                default: rows_q8<4>(xm, K, w[i], scale[i], n0, n1, Ni, ym); break;
-            }
+    for_each_block(count, N, M, [=](int64_t i, int64_t n0, int64_t n1, int64_t m, int64_t rows) {
+        const float* xm = x + m * K;
+        float* ym = y[i] + m * N[i];
+        switch (rows) {
+            case 1: rows_q8<1>(xm, K, w[i], scale[i], n0, n1, N[i], ym); break;
+            case 2: rows_q8<2>(xm, K, w[i], scale[i], n0, n1, N[i], ym); break;
+            case 3: rows_q8<3>(xm, K, w[i], scale[i], n0, n1, N[i], ym); break;
+            default: rows_q8<4>(xm, K, w[i], scale[i], n0, n1, N[i], ym); break;
         }
-    }
+    });
 }
 
 void openglm_q8_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
@@ -412,24 +419,20 @@ void openglm_q4_matmul_n(const float* x, int64_t M, int64_t K, int64_t count, co
             cs[m * G + g] = d * float(sum);
         }
     }
-    const Tasks tasks(count, N);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tasks.total(); ++t) {
-        const int64_t i = tasks.product(t), Ni = N[i];
-        const int64_t n0 = (t - tasks.first[i]) * kRows, n1 = std::min(Ni, n0 + kRows);
-        for (int64_t m = 0; m < M; m += 4) {
-            const int16_t* q = xq.data() + m * K;
-            const float* d = dx.data() + m * G;
-            const float* c = cs.data() + m * G;
-            float* ym = y[i] + m * Ni;
-            switch (std::min<int64_t>(4, M - m)) {
-                case 1: rows_q4<1>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, Ni, ym); break;
-                case 2: rows_q4<2>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, Ni, ym); break;
-                case 3: rows_q4<3>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, Ni, ym); break;
-                default: rows_q4<4>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, Ni, ym); break;
-            }
+    const int16_t* xqp = xq.data();
+    const float *dxp = dx.data(), *csp = cs.data();
+    for_each_block(count, N, M, [=](int64_t i, int64_t n0, int64_t n1, int64_t m, int64_t rows) {
+        const int16_t* q = xqp + m * K;
+        const float* d = dxp + m * G;
+        const float* c = csp + m * G;
+        float* ym = y[i] + m * N[i];
+        switch (rows) {
+            case 1: rows_q4<1>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, N[i], ym); break;
+            case 2: rows_q4<2>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, N[i], ym); break;
+            case 3: rows_q4<3>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, N[i], ym); break;
+            default: rows_q4<4>(q, d, c, K, G, w[i], scale[i], zero[i], n0, n1, N[i], ym); break;
         }
-    }
+    });
 }
 
 void openglm_q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,

@@ -68,7 +68,7 @@ def _decode_kernel(q: torch.Tensor, k: torch.Tensor, mask) -> bool:
         return False
     if isinstance(mask, torch.Tensor) and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)):
         return False
-    return k.stride(-1) == 1 and kernels.attention_available()
+    return k.stride(-1) == 1 and kernels.cpp_operators_available()
 
 
 class Attention(nn.Module):

@@ -244,7 +244,7 @@ class SharedInputProducts:
 
     @classmethod
     def of(cls, layers) -> "SharedInputProducts | None":
-        if len(layers) != 3 or not kernels.attention_available():
+        if len(layers) != 3 or not kernels.cpp_operators_available():
             return None
         first = layers[0]
         same = all(isinstance(m, QuantLinear) and m.use_kernels and m.bits == first.bits and m.in_features == first.in_features

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from openglm import Config, GLMForCausalLM, kernels
 
-pytestmark = pytest.mark.skipif(not kernels.attention_available(), reason="needs a C++ compiler and torch headers")
+pytestmark = pytest.mark.skipif(not kernels.cpp_operators_available(), reason="needs a C++ compiler and torch headers")
 
 
 @pytest.mark.parametrize("B,H,KH,S,D", [(1, 12, 2, 96, 64), (3, 4, 4, 7, 20), (2, 8, 2, 300, 128), (1, 2, 1, 1, 8),
@@ -60,5 +60,5 @@ def test_model_decode_steps_use_it_and_match_sdpa(compile, monkeypatch):
 
     ours, calls = tokens_of_run()
     assert calls >= 11 * model.config.num_layers  # every decode step, every layer
-    monkeypatch.setattr(kernels, "attention_available", lambda: False)
+    monkeypatch.setattr(kernels, "cpp_operators_available", lambda: False)
     assert tokens_of_run() == (ours, 0)

@@ -133,7 +133,7 @@ from openglm.quant.linear import QuantLinear, SharedInputProducts
 ql = QuantLinear.from_linear(nn.Linear(64, 32), 4, 32)
 x = torch.randn(2, 64)
 compiled = torch.compile(lambda x: ql(x), fullgraph=True)
-print(kernels._state["ops"], kernels.attention_available(), SharedInputProducts.of([ql, ql, ql]),
+print(kernels._state["ops"], kernels.cpp_operators_available(), SharedInputProducts.of([ql, ql, ql]),
       torch.allclose(compiled(x), ql(x), atol=1e-6))
 """
     env = {**os.environ, "OPENGLM_CACHE": str(tmp_path)}
