@@ -168,7 +168,6 @@ class QuantLinear(nn.Module):
         self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         if self.use_kernels:
             x2 = x.reshape(-1, self.in_features)  # (B*T, K)
             zero = getattr(self, "weight_zero", None)
@@ -179,14 +178,17 @@ class QuantLinear(nn.Module):
                 y = kernels.int8_matmul(x2, self.weight, self.weight_scale)
             else:
                 y = kernels.int4_matmul(x2, self.weight, self.weight_scale, zero)
-            y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+            return self._output(y, x)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)  # (..., N)
+        return self._output(y, x)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The product ``y [B*T, N]`` of input ``x [..., K]`` as the layer's output ``[..., N]``: x's dtype, plus the bias."""
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -261,11 +263,7 @@ class SharedInputProducts:
         else:
             ys = kernels.int4_matmul3(x2, *(t for m in layers
                                            for t in (m.weight, m.weight_scale, getattr(m, "weight_zero", None))))
-        out = []
-        for m, y in zip(layers, ys):
-            y = y.to(x.dtype).view(*x.shape[:-1], m.out_features)
-            out.append(y if m.bias is None else y + m.bias)
-        return out
+        return [m._output(y, x) for m, y in zip(layers, ys)]
 
 
 def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
