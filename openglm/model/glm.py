@@ -60,7 +60,7 @@ def apply_rotary(x: torch.Tensor, rotations: list[tuple[torch.Tensor, torch.Tens
     return torch.cat(out, dim=-1)
 
 
-def _decode_kernel(q: torch.Tensor, k: torch.Tensor, mask) -> bool:
+def _decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
     """Whether a one-query attention runs on our CPU kernel (float32 inference, bool ``[B|1, 1, 1, S]`` mask)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or q.stride(-1) != 1:
         return False
@@ -68,7 +68,7 @@ def _decode_kernel(q: torch.Tensor, k: torch.Tensor, mask) -> bool:
         return False
     if isinstance(mask, torch.Tensor) and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)):
         return False
-    return k.stride(-1) == 1 and kernels.cpp_operators_available()
+    return k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.cpp_operators_available()
 
 
 class Attention(nn.Module):
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rotations), apply_rotary(k, rotations)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        if T == 1 and mask is not True and _decode_kernel(q, k, mask):
+        if T == 1 and mask is not True and _decode_kernel(q, k, v, mask):
             y = kernels.decode_attention(q, k, v, mask if isinstance(mask, torch.Tensor) else None, self.head_dim ** -0.5)
         elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -53,14 +53,22 @@ class StaticKVCache(KVCache):
     decoder directly advances it itself).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slots = torch.zeros(1, dtype=torch.long, device=self.k.device)
-        # One tensor per layer (views would alias): a compiled step then writes each in place,
-        # where a write into a slice of one [layers, ...] buffer made inductor copy the whole buffer.
-        self.k_layers = [k.clone() for k in self.k.unbind(0)]
-        self.v_layers = [v.clone() for v in self.v.unbind(0)]
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        nn.Module.__init__(self)  # not KVCache's: no [layers, ...] buffers
+        # One tensor per layer (not views of one buffer, which alias): a compiled step then writes
+        # each in place, where a write into a slice of one [layers, ...] buffer made inductor copy
+        # the whole buffer at every layer.
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.k_layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k = self.v = None
+        self.length = 0
+        self.slots = torch.zeros(1, dtype=torch.long, device=device)
+
+    @property
+    def max_length(self) -> int:
+        return self.k_layers[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write ``k, v [B, K, T, D]`` at ``slots`` and return all keys/values ``[B, K, max_length, D]``."""
