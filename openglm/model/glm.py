@@ -14,6 +14,8 @@ H query heads, K key/value heads, D head dim, C hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,12 +151,15 @@ class GLMModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask, cache: KVCache | None,
+                between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """Final-norm hidden states ``[B, T, C]``, given explicit position ids and an already built mask.
 
         ``mask`` is a bool ``[B, 1, T, S]`` visibility tensor, or True/False for SDPA's causal flag.
         Unlike ``GLMForCausalLM.forward`` this never reads or advances ``cache.length``, so with a
         ``StaticKVCache`` every decode step has the same shapes and compiles to one graph.
+        ``between_layers()``, if given, is called after each layer (the serving engine runs other
+        forwards there).
         """
         cfg = self.config
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -162,6 +167,8 @@ class GLMModel(nn.Module):
         rotations = [rotary_cos_sin(p, cfg.rotary_dim, cfg.rope_theta, x.dtype) for p in rows]
         for layer in self.layers:
             x = layer(x, rotations, mask, cache)
+            if between_layers is not None:
+                between_layers()
         return self.norm(x)
 
 

@@ -57,7 +57,7 @@ def cmd_serve(args) -> int:
             model = load_model(directory, device=args.device)
             tokenizer = load_tokenizer(directory)
             engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                            max_seq_len=args.max_seq_len, model_name=name)
+                            max_seq_len=args.max_seq_len, preempt_tokens=args.preempt_tokens, model_name=name)
             attach_model(app, engine, tokenizer)
             print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:
@@ -99,6 +99,9 @@ def register(sub) -> None:
                                                         "(default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503")
+    p.add_argument("--preempt-tokens", type=int, default=64,
+                   help="new prompts up to this many tokens are prefilled at once, between two layers of a "
+                        "running step if need be (time to first token ~ one prefill); 0: they join the next step")
     p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request "
                                                                  "(default: the model's, at most 4096)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")

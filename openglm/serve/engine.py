@@ -10,6 +10,13 @@ tokens whatever else shares the batch. When the prompt chunks are short, (4) and
 forward over all the step's tokens packed into one row (each sees only its own slot's keys), so
 a step reads the weights once.
 
+Short prompts go first: waiting prompts that fit in ``preempt_tokens`` (padded, together) are
+prefilled in a forward of their own before the step's decode, and their first tokens sent at once;
+one that arrives while a step's forward runs does not wait for its end: between two layers of that
+forward the engine prefills it, sends its first token, and goes on with the paused forward. So
+under load the time to first token is about one prefill instead of up to two steps, and the
+requests already generating wait that prefill longer for their next token.
+
 The asyncio side never calls the model: ``submit`` only queues the request, and the engine thread
 hands each step's events back to the request's event loop with ``call_soon_threadsafe``.
 """
@@ -152,6 +159,16 @@ class SlotKVCache(KVCache):
                     self.v[layer][key_slots, :, key_pos].transpose(0, 1)[None])
         return self.k[layer][self._read, :, : self._keys], self.v[layer][self._read, :, : self._keys]
 
+    @property
+    def plan(self) -> tuple:
+        """The planned forward (what ``prepare``/``prepare_packed`` set): save it before planning
+        another forward in the middle of this one, and set it back to go on with this one."""
+        return self._write, self._read, self._keys
+
+    @plan.setter
+    def plan(self, plan: tuple) -> None:
+        self._write, self._read, self._keys = plan
+
     def free(self, slot: int) -> None:
         """Mark ``slot`` empty; its old keys stay in memory but are never visible again."""
         self.lengths[slot] = 0
@@ -258,12 +275,15 @@ class Engine:
 
     ``max_seq_len`` bounds prompt + ``max_new_tokens`` of every request (default: the model's
     positions, capped at 4096); the cache holds ``max_batch_size`` rows of that many positions.
-    ``prefill_chunk`` bounds the prompt tokens (padding included) prefilled per step. ``model_name``
+    ``prefill_chunk`` bounds the prompt tokens (padding included) prefilled per step. Waiting prompts
+    that fit in ``preempt_tokens`` (padding included; 0: none) are prefilled ahead of the decode,
+    pausing a running forward between two layers if need be (see the module's notes). ``model_name``
     defaults to the path or name the model was loaded from, else its config's name.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 max_seq_len: int | None = None, *, prefill_chunk: int = 256, model_name: str | None = None):
+                 max_seq_len: int | None = None, *, prefill_chunk: int = 256, preempt_tokens: int = 64,
+                 model_name: str | None = None):
         config = model.config
         if config.position_encoding_2d:
             raise OpenGLMError(
@@ -274,15 +294,17 @@ class Engine:
         max_seq_len = max_seq_len or min(limit, 4096)
         if not 0 < max_seq_len <= limit:
             raise OpenGLMError(f"max_seq_len must be in 1..{limit} (the model's positions), got {max_seq_len}")
-        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise OpenGLMError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
+        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1 or preempt_tokens < 0:
+            raise OpenGLMError("max_batch_size and prefill_chunk must be >= 1, max_queue and preempt_tokens >= 0")
         use_decode_layout(model)  # as generate() does: same values, faster few-row products
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_seq_len = max_batch_size, max_queue, max_seq_len
         self.prefill_chunk = prefill_chunk
+        self.preempt_tokens = min(preempt_tokens, prefill_chunk)
         self.model_name = model_name or getattr(model, "name_or_path", None) or config.name
         self.steps = 0  # engine steps run so far
         self.packed_steps = 0  # of which decoded and prefilled in one packed forward
+        self.preemptions = 0  # forwards paused between two layers to prefill prompts that arrived meanwhile
         weight = model.model.norm.weight  # never quantized: the cache's dtype and device
         self._device = weight.device
         self._cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
@@ -423,6 +445,7 @@ class Engine:
         self._run_calls()
         now = time.monotonic()
         self._reap(now)
+        self._prefill_first(now)
         self._admit(now)
         decoding = [s for s in self._slots if s is not None and s.prefilled == s.prompt_len]
         batch, counts = self._prefill_plan()
@@ -464,15 +487,44 @@ class Engine:
             if reason == "cancelled" or (reason == "timeout" and seq.prefilled < seq.prompt_len):
                 self._finish(seq, reason)
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float, budget: int | None = None) -> list[_Sequence]:
+        """Move the oldest waiting requests into free slots and return them. With a ``budget``, only
+        while their whole prompts, left-padded to the longest, fit in that many tokens."""
         free = [i for i, s in enumerate(self._slots) if s is None]
+        admitted: list[_Sequence] = []
         with self._cond:
-            admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+            while self._waiting and len(admitted) < len(free):
+                seq = self._waiting[0]
+                if budget is not None and (seq.end_reason(now) or max(
+                        [seq.prompt_len] + [s.prompt_len for s in admitted]) * (len(admitted) + 1) > budget):
+                    break  # (a cancelled or expired request is ended by the next step's _reap)
+                admitted.append(self._waiting.popleft())
         for slot, seq in zip(free, admitted):
             seq.slot = slot
             self._slots[slot] = seq
             self._cache.free(slot)
             seq.handle.queue_time = now - seq.submitted
+        return admitted
+
+    def _prefill_first(self, now: float) -> bool:
+        """Admit the oldest waiting prompts that fit in ``preempt_tokens``, prefill them in one
+        forward and send their first tokens now; whether there were any."""
+        if not (self.preempt_tokens and self._waiting and None in self._slots):
+            return False
+        admitted = self._admit(now, self.preempt_tokens)
+        if admitted:
+            self._prefill(admitted, [s.prompt_len for s in admitted])
+            self._flush()
+        return bool(admitted)
+
+    def _between_layers(self) -> None:
+        """Called by a decode forward after each layer: prefill the short prompts that arrived since
+        it began (``_prefill_first``), then go on with it where it paused."""
+        if self._waiting and None in self._slots:  # cheap checks first: this runs after every layer
+            plan = self._cache.plan
+            if self._prefill_first(time.monotonic()):
+                self.preemptions += 1
+            self._cache.plan = plan
 
     def _prefill_plan(self) -> tuple[list[_Sequence], list[int]]:
         """The prompts to feed this step, oldest first, in at most ``prefill_chunk`` token slots.
@@ -528,7 +580,8 @@ class Engine:
         for seq, n in zip(batch, counts):
             ids += seq.ids[seq.prefilled : seq.prefilled + n]
         pos, mask = self._cache.prepare_packed([s.slot for s in rows], all_counts)
-        h = self.model.hidden_states(torch.tensor([ids], device=self._device), pos, mask, self._cache)  # (1, N, C)
+        h = self.model.model(torch.tensor([ids], device=self._device), pos, mask[:, None], self._cache,
+                             self._layer_hook())  # (1, N, C)
         ends = torch.tensor(all_counts).cumsum(0) - 1  # each row's last token
         done = self._fed(batch, counts)
         keep = list(range(len(decoding))) + [len(decoding) + i for i in done]
@@ -543,8 +596,11 @@ class Engine:
             return
         pos, mask = self._cache.prepare([s.slot for s in rows], [1] * len(rows))
         last = torch.tensor([[s.ids[-1]] for s in rows], device=self._device)  # (B', 1)
-        logits = self.model(last, pos, mask, self._cache)[:, -1]  # (B', V)
-        self._emit(rows, logits)
+        h = self.model.model(last, pos, mask[:, None], self._cache, self._layer_hook())  # (B', 1, C)
+        self._emit(rows, self.model.lm_head(h[:, -1]))  # logits (B', V)
+
+    def _layer_hook(self) -> Callable[[], None] | None:
+        return self._between_layers if self.preempt_tokens else None
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token from its row of ``logits [B', V]`` (rows sharing their

@@ -114,6 +114,57 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_decode(mode
     assert [e.token for e in events] == alone(model, tokenizer, long_ids, greedy(5))[0]
 
 
+@pytest.mark.parametrize("case", ["decode", "packed", "too long", "off"])
+def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model, tokenizer, monkeypatch, case):
+    # The engine is held inside layer 1 of a step's forward (a decode, or a decode packed with a long
+    # prompt's chunk) while a new request arrives: it prefills that prompt after layer 1, sends its
+    # first token before the paused step's tokens, then ends the step. Not when the prompt exceeds
+    # preempt_tokens or preempt_tokens is 0. Every request's tokens are those it gets alone.
+    running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
+    long_ids = tokenizer.encode(PROMPTS[2] * 4)[:40]  # "packed": chunks of 8 beside the decode
+    preempt = {"too long": 4, "off": 0}.get(case, 8)
+    layer, entered, release, armed = model.model.layers[1], threading.Event(), threading.Event(), []
+    original = layer.forward
+
+    def held(*args, **kwargs):
+        if armed:
+            armed.clear()
+            entered.set()
+            release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", held)
+
+    async def scenario(engine):
+        running = engine.submit(EngineRequest(running_ids, greedy(20)))
+        events = [await anext(running)]
+        chunked = None
+        if case == "packed":  # in a slot before the late request comes (waiting requests are taken in order)
+            chunked = engine.submit(EngineRequest(long_ids, greedy(3)))
+            events.append(await anext(running))
+        armed.append(True)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        packed, seen = engine.packed_steps, running.completion_tokens
+        late = engine.submit(EngineRequest(late_ids, greedy(6)))
+        release.set()
+        first = await anext(late)
+        during = running.completion_tokens - seen
+        rest = (await late.result())[0]
+        events += (await running.result())[0]
+        if chunked is not None:
+            assert [e.token for e in (await chunked.result())[0]] == alone(model, tokenizer, long_ids, greedy(3))[0]
+        return during, engine.preemptions, engine.packed_steps > packed, [first, *rest], events
+
+    during, preemptions, packed, late_events, running_events = serve(
+        model, tokenizer, scenario, prefill_chunk=8, preempt_tokens=preempt)
+    # Not prefilled first, the late prompt joins the next step: running's tokens of the held step and
+    # of that one (packed with the late prompt, its rows first) come before the late first token.
+    assert (during, preemptions) == ((0, 1) if case in ("decode", "packed") else (2, 0))
+    assert packed == (case != "decode")  # a decode packed with prompt tokens: the chunks, or the late prompt
+    assert [e.token for e in late_events] == alone(model, tokenizer, late_ids, greedy(6))[0]
+    assert [e.token for e in running_events] == alone(model, tokenizer, running_ids, greedy(20))[0]
+
+
 def test_each_request_keeps_its_own_sampling_params_in_one_batch(model, tokenizer):
     ids = [tokenizer.encode(p) for p in PROMPTS]
     ref_tokens = alone(model, tokenizer, ids[0], greedy(10))[0]
@@ -374,7 +425,7 @@ class FailsOnce(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.inner, self.config, self.model = model, model.config, model.model
+        self.inner, self.config, self.model, self.lm_head = model, model.config, model.model, model.lm_head
         self.failed = False
 
     def forward(self, *args, **kwargs):
