@@ -748,7 +748,8 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed)
         (text, spans), usage, rid = await exclusive(key, prompt_tokens, blanks * body.max_tokens, body.request_id,
-                                                    _infill, srv.engine.model, srv.tokenizer, body.prompt, params)
+                                                    _infill, srv.engine.model, srv.engine.tokenizer, body.prompt,
+                                                    params)
         return S.Infill(id=f"infill-{rid}", created=int(time.time()), model=srv.model_name, text=text, spans=spans,
                         usage=usage)
 

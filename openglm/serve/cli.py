@@ -45,20 +45,25 @@ def cmd_serve(args) -> int:
 
     def load() -> None:  # the server answers /health with 503 meanwhile
         try:
-            import torch
-
             from ..data.tokenizer import load_tokenizer
-            from ..model.checkpoint import load_model
-            from .engine import Engine
 
-            if args.threads:
-                torch.set_num_threads(args.threads)
-
-            model = load_model(directory, device=args.device)
             tokenizer = load_tokenizer(directory)
-            engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                            max_seq_len=args.max_seq_len, preempt_tokens=args.preempt_tokens, model_name=name)
-            attach_model(app, engine, tokenizer)
+            engine_kw = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                             max_seq_len=args.max_seq_len, preempt_tokens=args.preempt_tokens, model_name=name)
+            if args.engine_in_process:
+                import torch
+
+                from ..model.checkpoint import load_model
+                from .engine import Engine
+
+                if args.threads:
+                    torch.set_num_threads(args.threads)
+                engine = Engine(load_model(directory, device=args.device), tokenizer, **engine_kw)
+            else:
+                from .engine_process import EngineProcess
+
+                engine = EngineProcess(str(directory), device=args.device, threads=args.threads, **engine_kw)
+            attach_model(app, engine, tokenizer)  # starts the engine (and waits for its process to load the model)
             print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:
             failure.append(e)
@@ -108,6 +113,9 @@ def register(sub) -> None:
     p.add_argument("--admin-key", default=None, help="secret for the /admin routes (default: $OPENGLM_ADMIN_KEY; "
                                                      "keys created with --admin work too)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in the server's process (default: a process of its own, so that the HTTP "
+                        "side and the model steps never wait for each other's interpreter lock)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the model (default: torch's; fewer than the free cores avoids stalls)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -74,6 +74,26 @@ class PromptTooLong(OpenGLMError):
     """Prompt plus ``max_new_tokens`` does not fit in the engine's ``max_seq_len``."""
 
 
+def check_request(request: EngineRequest, vocab_size: int, max_seq_len: int) -> None:
+    """Raise ``OpenGLMError`` (``PromptTooLong`` for the length) for a request no engine can run."""
+    ids, params = request.prompt_ids, request.params
+    if not ids:
+        raise OpenGLMError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise OpenGLMError(f"prompt token ids must be in 0..{vocab_size - 1}")
+    if params.max_new_tokens < 1:
+        raise OpenGLMError("max_new_tokens must be >= 1")
+    if request.logprobs is not None and not 0 <= request.logprobs <= vocab_size:
+        raise OpenGLMError(f"logprobs must be in 0..{vocab_size}, got {request.logprobs}")
+    if request.timeout is not None and request.timeout <= 0:
+        raise OpenGLMError(f"timeout must be > 0 seconds, got {request.timeout}")
+    if len(ids) + params.max_new_tokens > max_seq_len:
+        raise PromptTooLong(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"engine's {max_seq_len} positions"
+        )
+
+
 class SlotKVCache(KVCache):
     """A KV cache whose rows are independent slots, each filled to its own length.
 
@@ -206,7 +226,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop generating: the engine ends the request within one step and frees its slot (thread-safe)."""
         self._cancelled = True
-        self._engine._wake()
+        self._engine._cancel(self)
 
     def __aiter__(self):
         return self
@@ -356,8 +376,11 @@ class Engine:
         ``EngineFull`` when ``max_queue`` requests are already waiting or the engine is not running,
         and ``OpenGLMError`` for an invalid request.
         """
-        loop = asyncio.get_running_loop()
-        self._check(request)
+        return self._enqueue(request, asyncio.get_running_loop())
+
+    def _enqueue(self, request: EngineRequest, loop) -> RequestHandle:
+        """``submit``, the handle's events going to ``loop`` (anything with ``call_soon_threadsafe``)."""
+        check_request(request, self.model.config.vocab_size, self.max_seq_len)
         params = request.params
         handle = RequestHandle(request, self, loop)
         generator = None
@@ -386,26 +409,7 @@ class Engine:
             self._cond.notify()
         return await asyncio.wrap_future(future)
 
-    def _check(self, request: EngineRequest) -> None:
-        ids, params = request.prompt_ids, request.params
-        if not ids:
-            raise OpenGLMError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise OpenGLMError(f"prompt token ids must be in 0..{vocab - 1}")
-        if params.max_new_tokens < 1:
-            raise OpenGLMError("max_new_tokens must be >= 1")
-        if request.logprobs is not None and not 0 <= request.logprobs <= vocab:
-            raise OpenGLMError(f"logprobs must be in 0..{vocab}, got {request.logprobs}")
-        if request.timeout is not None and request.timeout <= 0:
-            raise OpenGLMError(f"timeout must be > 0 seconds, got {request.timeout}")
-        if len(ids) + params.max_new_tokens > self.max_seq_len:
-            raise PromptTooLong(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"engine's {self.max_seq_len} positions"
-            )
-
-    def _wake(self) -> None:
+    def _cancel(self, handle: RequestHandle) -> None:  # the handle is marked; wake an idle engine to end it
         with self._cond:
             self._cond.notify()
 
@@ -499,11 +503,12 @@ class Engine:
                         [seq.prompt_len] + [s.prompt_len for s in admitted]) * (len(admitted) + 1) > budget):
                     break  # (a cancelled or expired request is ended by the next step's _reap)
                 admitted.append(self._waiting.popleft())
+        admitted_at = time.monotonic()  # not ``now``: a request may have come after it was taken
         for slot, seq in zip(free, admitted):
             seq.slot = slot
             self._slots[slot] = seq
             self._cache.free(slot)
-            seq.handle.queue_time = now - seq.submitted
+            seq.handle.queue_time = admitted_at - seq.submitted
         return admitted
 
     def _prefill_first(self, now: float) -> bool:

@@ -49,10 +49,12 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: int = 256, balance: int = 10**9,
-            price: tuple[int, int] = (1_000_000, 2_000_000), admin_key: str | None = None, **key_limits):
+            price: tuple[int, int] = (1_000_000, 2_000_000), admin_key: str | None = None,
+            engine_process: bool = False, **key_limits):
     """A live server for ``checkpoint`` on a fresh account; yields (server, store, secret, account id).
 
     The model id is "tiny"; the account's key has ``key_limits`` (rpm, tpm, max_concurrency, models).
+    ``engine_process``: the engine runs in a process of its own (as ``openglm serve`` runs it).
     """
     from openglm import load_model, load_tokenizer
     from openglm.serve.app import create_app
@@ -63,8 +65,13 @@ def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: in
     store.set_price("tiny", *price)
     account = store.create_account("test", balance)
     _, secret = store.create_key(account.id, **key_limits)
-    model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    tokenizer = load_tokenizer(checkpoint)
+    if engine_process:
+        from openglm.serve.engine_process import EngineProcess
+
+        engine = EngineProcess(str(checkpoint), threads=1, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    else:
+        engine = Engine(load_model(checkpoint), tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     app = create_app(engine, store, "tiny", tokenizer, admin_key=admin_key)
     try:
         with LiveServer(app) as server:
@@ -97,6 +104,18 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError("openglm serve did not become healthy")
+
+    def children(self) -> list[int]:
+        """Pids of the server's child processes (its engine)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == \
+                        self.proc.pid:
+                    pids.append(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+        return pids
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

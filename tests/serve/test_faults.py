@@ -150,6 +150,8 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
 
     server = ServerProcess(tiny_checkpoint, url)
     server.wait_ready()
+    engines = server.children()  # the engine's process (and multiprocessing's resource tracker)
+    assert any("spawn_main" in open(f"/proc/{pid}/cmdline").read() for pid in engines)
 
     async def kill_mid_load():
         task = asyncio.create_task(load(server.url))
@@ -161,6 +163,10 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
         await task
 
     asyncio.run(kill_mid_load())
+    deadline = time.monotonic() + 30  # the orphaned engine sees its pipe close and exits
+    while any(_running(pid) for pid in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in engines)
     with Store(url) as store:
         hanging = store.open_reservations(account.id)
         assert hanging  # left hanging by the dead server
@@ -179,3 +185,11 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
         assert account_now.balance == balance - store.ledger_totals(account.id)["cost"]
         print(f"killed with {len(hanging)} reservations open; after the restart: 0 open, reserved 0, balance = "
               f"start - ledger cost ({store.ledger_totals(account.id)})")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has exited)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

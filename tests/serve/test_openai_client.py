@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
 from live_server import serving
 
 
-@pytest.fixture(scope="module")
-def live(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture(scope="module", params=["engine in the server's process", "engine in its own process"])
+def live(request, tiny_checkpoint, tmp_path_factory):
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'openai.db'}"
-    with serving(tiny_checkpoint, url) as (server, store, secret, account_id):
+    with serving(tiny_checkpoint, url, engine_process="own" in request.param) as (server, store, secret, account_id):
         yield server, store, secret, account_id
 
 
@@ -34,6 +35,9 @@ def test_models_chat_and_completions(live):
     assert text.usage.completion_tokens == 10
     vectors = c.embeddings.create(model="tiny", input=["one", "two"])  # the client asks for base64
     assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 64
+    filled = httpx.post(server.url + "/v1/infill", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
+                        json={"model": "tiny", "prompt": "The model fills [MASK] in text.", "max_tokens": 3})
+    assert filled.status_code == 200 and len(filled.json()["spans"]) == 1
 
 
 def test_streaming_with_usage(live):
