@@ -149,9 +149,6 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
             await asyncio.gather(*(one(c) for _ in range(8)))
 
     server = ServerProcess(tiny_checkpoint, url)
-    server.wait_ready()
-    engines = server.children()  # the engine's process (and multiprocessing's resource tracker)
-    assert any("spawn_main" in open(f"/proc/{pid}/cmdline").read() for pid in engines)
 
     async def kill_mid_load():
         task = asyncio.create_task(load(server.url))
@@ -162,7 +159,14 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
         server.kill()
         await task
 
-    asyncio.run(kill_mid_load())
+    try:
+        server.wait_ready()
+        engines = server.children()  # the engine's process (and multiprocessing's resource tracker)
+        assert any("spawn_main" in open(f"/proc/{pid}/cmdline").read() for pid in engines)
+        asyncio.run(kill_mid_load())
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
     deadline = time.monotonic() + 30  # the orphaned engine sees its pipe close and exits
     while any(_running(pid) for pid in engines) and time.monotonic() < deadline:
         time.sleep(0.1)
