@@ -1,6 +1,6 @@
 """Serving benchmark: continuous batching versus one request at a time, like vLLM's serving benchmark.
 
-    python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 4]
+    python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 8]
 
 Starts two ``openglm serve`` processes on free ports, each on a fresh SQLite database (its demo key):
 one with continuous batching (``--max-batch-size 16``) and one limited to one request at a time
@@ -52,14 +52,14 @@ def free_port() -> int:
 class Server:
     """``openglm serve`` in a subprocess; ``key`` is the demo key it prints."""
 
-    def __init__(self, model: str, max_batch_size: int, workdir: str, threads: int):
+    def __init__(self, model: str, max_batch_size: int, workdir: str, threads: int, extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         db = f"sqlite:///{workdir}/bs{max_batch_size}.db"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "openglm", "serve", "--model", model, "--served-model-name", "bench",
              "--port", str(self.port), "--db", db, "--max-batch-size", str(max_batch_size), "--threads", str(threads),
-             "--log-level", "warning"],
+             "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.key = None
         for line in self.proc.stdout:
@@ -154,19 +154,21 @@ def main() -> None:
     ap.add_argument("--model", default="glm-tiny", help="checkpoint directory or bundled name")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request (at most)")
-    ap.add_argument("--prompts-per-client", type=int, default=4, help="requests per level = this x concurrency")
+    ap.add_argument("--prompts-per-client", type=int, default=8, help="requests per level = this x concurrency")
     ap.add_argument("--request-rate", type=float, default=float("inf"),
                     help="requests per second, Poisson arrivals (default: all at once, concurrency-limited)")
     ap.add_argument("--batch-size", type=int, default=16, help="--max-batch-size of the batching server")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch threads of the server (default: all CPUs but one, which the clients use)")
+    ap.add_argument("--server-args", default="", help="more `openglm serve` flags for both servers, e.g. "
+                    "'--engine-in-process' or '--preempt-tokens 0'")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     rows = {}
     with tempfile.TemporaryDirectory() as workdir:
         for label, batch in (("batched", args.batch_size), ("one-at-a-time", 1)):
-            server = Server(args.model, batch, workdir, args.threads)
+            server = Server(args.model, batch, workdir, args.threads, args.server_args.split())
             try:
                 asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
                 for c in levels:
