@@ -308,6 +308,8 @@ class _Server:
         if self.engine is None:
             raise APIError(503, "the model is still loading; retry shortly", "server_error", "loading",
                            headers={"retry-after": "2"})
+        if not self.engine.alive:
+            raise APIError(503, "the engine is not running", "server_error", "engine_stopped")
         return self.engine
 
     def check_model(self, model: str) -> None:
@@ -505,7 +507,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
 
     @app.get("/health", responses={503: {"model": S.ErrorResponse}})
     async def health():
-        """200 once the model is loaded and the engine runs; 503 while it loads."""
+        """200 once the model is loaded and the engine runs; 503 while it loads or if its engine stopped."""
         srv.ready()
         return {"status": "ok", "model": srv.model_name}
 

@@ -25,6 +25,7 @@ def _examples(base: str, model: str, secret: str) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from ..errors import OpenGLMError
     from ..model.checkpoint import checkpoint_dir
     from .app import attach_model, create_app
     from .store import Store
@@ -62,7 +63,12 @@ def cmd_serve(args) -> int:
             else:
                 from .engine_process import EngineProcess
 
-                engine = EngineProcess(str(directory), device=args.device, threads=args.threads, **engine_kw)
+                def engine_died(message: str) -> None:  # let a supervisor restart the whole server
+                    failure.append(OpenGLMError(message))
+                    server.should_exit = True
+
+                engine = EngineProcess(str(directory), device=args.device, threads=args.threads,
+                                       on_exit=engine_died, **engine_kw)
             attach_model(app, engine, tokenizer)  # starts the engine (and waits for its process to load the model)
             print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:

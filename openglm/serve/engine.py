@@ -343,6 +343,11 @@ class Engine:
         return sum(s is not None for s in self._slots)
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (started and not stopping)."""
+        return self._thread is not None and not self._stopping
+
+    @property
     def num_waiting(self) -> int:
         """Requests queued for a slot."""
         return len(self._waiting)

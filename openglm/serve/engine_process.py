@@ -18,7 +18,7 @@ import itertools
 import logging
 import multiprocessing
 import threading
-import traceback
+from collections.abc import Callable
 
 from ..errors import OpenGLMError
 from .engine import EngineFull, EngineRequest, RequestHandle, TokenEvent, check_request
@@ -44,10 +44,13 @@ class EngineProcess:
     child's torch threads. ``start()`` blocks until the model is loaded and raises ``OpenGLMError``
     with the child's message if it could not be. ``model`` and ``tokenizer`` are stand-ins: passed
     to ``run_exclusive`` they become the child's own objects (there is no model in this process).
+    ``on_exit(message)`` is called (on a thread of its own) if the child ends other than by ``stop()``.
     """
 
-    def __init__(self, model: str, *, device: str = "cpu", threads: int | None = None, **engine_kw):
+    def __init__(self, model: str, *, device: str = "cpu", threads: int | None = None,
+                 on_exit: Callable[[str], None] | None = None, **engine_kw):
         self.source, self.device, self.threads, self.engine_kw = str(model), device, threads, engine_kw
+        self.on_exit = on_exit
         self.model, self.tokenizer = _InEngine("model"), _InEngine("tokenizer")
         self.max_batch_size = engine_kw.get("max_batch_size", 16)
         self.max_queue = engine_kw.get("max_queue", 256)
@@ -59,7 +62,12 @@ class EngineProcess:
         self._handles: dict[str, RequestHandle] = {}  # submitted and not ended
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
-        self._alive = False
+        self._alive = self._stopping = False
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine process serves (started, not stopped, not dead)."""
+        return self._alive
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -93,6 +101,7 @@ class EngineProcess:
         """Stop the child, waiting for its current step; pending requests end with "cancelled"."""
         if self._process is None:
             return
+        self._stopping = True
         if self._alive:
             try:
                 self._send(("stop",))
@@ -106,7 +115,7 @@ class EngineProcess:
             self._reader.join(10)
         self._conn.close()
         self._process = self._reader = None
-        self._alive = False
+        self._alive = self._stopping = False
 
     # -- the asyncio side -------------------------------------------------------------------------
 
@@ -178,8 +187,12 @@ class EngineProcess:
                 loop, future = self._calls.pop(call_id)
                 _call_soon(loop, _resolve, future, ok, value)
         self._alive = False
-        if self._process is not None and self._process.exitcode not in (None, 0):
-            log.error("the engine process exited with code %s", self._process.exitcode)
+        if not self._stopping:
+            self._process.join(5)
+            message = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+            log.error(message)
+            if self.on_exit is not None:
+                self.on_exit(message)
         ended = [(h, None, "error", None, None) for h in list(self._handles.values())]
         by_loop = {}
         for item in ended:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
+import httpx
 import pytest
+from live_server import serving
 
 from openglm import OpenGLMError, SamplingParams, load_model, load_tokenizer
 from openglm.serve.app import _embed
@@ -116,8 +119,10 @@ def test_a_checkpoint_that_does_not_load_fails_start_with_its_message(tmp_path):
 
 
 def test_a_dead_engine_process_ends_its_requests_with_error(tiny_checkpoint, tokenizer):
-    engine = EngineProcess(str(tiny_checkpoint), threads=1, max_seq_len=256)
+    exits = []
+    engine = EngineProcess(str(tiny_checkpoint), threads=1, max_seq_len=256, on_exit=exits.append)
     engine.start()
+    assert engine.alive
 
     async def scenario():
         handle = engine.submit(EngineRequest(tokenizer.encode("It"), SamplingParams(max_new_tokens=200, temperature=0)))
@@ -130,5 +135,23 @@ def test_a_dead_engine_process_ends_its_requests_with_error(tiny_checkpoint, tok
 
     try:
         assert asyncio.run(scenario()) == "error"
+        assert not engine.alive and exits == ["the engine process exited unexpectedly (exit code -9)"]
     finally:
         engine.stop()
+    assert len(exits) == 1  # stop() is no unexpected exit
+
+
+def test_the_api_answers_503_once_its_engine_process_died(tiny_checkpoint, tmp_path):
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'dead.db'}", engine_process=True) as (server, _, secret, _):
+        auth = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "tiny", "prompt": "It", "max_tokens": 2}
+        assert httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
+        engine = server.server.config.app.state.server.engine
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while engine.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(server.url + "/health", timeout=10)
+        refused = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60)
+    assert health.status_code == refused.status_code == 503
+    assert refused.json()["error"]["code"] == "engine_stopped"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -197,3 +199,19 @@ def _running(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_a_dead_engine_process_stops_the_server_with_an_error(tiny_checkpoint, tmp_path):
+    server = ServerProcess(tiny_checkpoint, f"sqlite:///{tmp_path / 'engine.db'}")
+    try:
+        server.wait_ready()
+        engine = next(pid for pid in server.children() if "spawn_main" in open(f"/proc/{pid}/cmdline").read())
+        os.kill(engine, signal.SIGKILL)
+        code = server.proc.wait(60)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    out = server.proc.stdout.read()
+    assert code != 0 and "the engine process exited unexpectedly (exit code -9)" in out
+    assert "Traceback" not in out
