@@ -395,7 +395,7 @@ class _Server:
             if not drainer.done():  # the client left: stop generating, let the job settle on its own
                 job.stop()
                 drainer.cancel()
-        if drainer.cancelled():
+        if not drainer.done() or drainer.cancelled():  # (a task just cancelled ends at the loop's next turn)
             raise _ClientGone()
         drainer.result()  # raises the job's APIError, if any
         return choices

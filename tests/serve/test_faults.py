@@ -28,7 +28,7 @@ def metric(server_url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path):
+def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path, capfd):
     with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'cut.db'}", max_seq_len=320) as (server, store, secret, aid):
         auth = {"Authorization": f"Bearer {secret}"}
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "temperature": 0}
@@ -58,6 +58,7 @@ def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path)
         wait_settled(store, aid)
         assert 0 < store.ledger_totals(aid)["completion_tokens"] - before["completion_tokens"] < full["completion_tokens"]
         assert store.get_account(aid).reserved == 0
+    assert "Traceback" not in capfd.readouterr().err  # a client that leaves is no server error
 
 
 async def _clients(urls: list[str], secret: str, clients: int, requests: int, body: dict) -> list[httpx.Response]:
