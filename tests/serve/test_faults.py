@@ -96,10 +96,12 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_t
 
 
 @pytest.mark.slow
-def test_32_clients_on_one_budget(tiny_checkpoint, db_url):
+@pytest.mark.parametrize("engine", ["engine in the server's process", "engine in its own process"])
+def test_32_clients_on_one_budget(tiny_checkpoint, db_url, engine):
     # Each request costs about 15 units: the budget runs out after ~80, the rate limit after 100.
     balance = 1200
-    with serving(tiny_checkpoint, db_url, max_batch_size=16, balance=balance, rpm=100) as (server, store, secret, aid):
+    with serving(tiny_checkpoint, db_url, max_batch_size=16, balance=balance, rpm=100,
+                 engine_process="own" in engine) as (server, store, secret, aid):
         responses = asyncio.run(_clients([server.url], secret, 32, 10, CHAT))
         ok = check_books(responses, store, aid, balance)
     assert 0 < len(ok) <= 100
