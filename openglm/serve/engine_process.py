@@ -45,6 +45,8 @@ class EngineProcess:
     with the child's message if it could not be. ``model`` and ``tokenizer`` are stand-ins: passed
     to ``run_exclusive`` they become the child's own objects (there is no model in this process).
     ``on_exit(message)`` is called (on a thread of its own) if the child ends other than by ``stop()``.
+    The child is spawned, not forked: a script that starts one needs the usual
+    ``if __name__ == "__main__":`` guard of multiprocessing.
     """
 
     def __init__(self, model: str, *, device: str = "cpu", threads: int | None = None,
@@ -90,7 +92,8 @@ class EngineProcess:
             kind, info = "failed", f"the engine process exited with code {self._process.exitcode}"
         if kind != "ready":
             self._process.join(10)
-            self._process = None
+            self._conn.close()
+            self._process = self._conn = None
             raise OpenGLMError(info)
         self.model_name, self.max_seq_len, self.vocab_size = info["model_name"], info["max_seq_len"], info["vocab_size"]
         self._alive = True
@@ -101,8 +104,8 @@ class EngineProcess:
         """Stop the child, waiting for its current step; pending requests end with "cancelled"."""
         if self._process is None:
             return
-        self._stopping = True
-        if self._alive:
+        self._stopping, was_alive, self._alive = True, self._alive, False  # new submits are refused now
+        if was_alive:
             try:
                 self._send(("stop",))
             except OSError:

@@ -155,3 +155,20 @@ def test_the_api_answers_503_once_its_engine_process_died(tiny_checkpoint, tmp_p
         refused = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60)
     assert health.status_code == refused.status_code == 503
     assert refused.json()["error"]["code"] == "engine_stopped"
+
+
+def test_stop_ends_pending_requests_as_cancelled(tiny_checkpoint, tokenizer):
+    engine = EngineProcess(str(tiny_checkpoint), threads=1, max_batch_size=1, max_seq_len=256)
+    engine.start()
+    long = SamplingParams(max_new_tokens=200, temperature=0)
+
+    async def scenario():
+        handles = [engine.submit(EngineRequest(tokenizer.encode("It"), long)) for _ in range(2)]  # one waits
+        await anext(handles[0])
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        with pytest.raises(EngineFull, match="not running"):
+            engine.submit(EngineRequest(tokenizer.encode("It"), long))
+        return [(await h.result())[1] for h in handles]
+
+    assert asyncio.run(scenario()) == ["cancelled", "cancelled"]
+    assert not engine.alive and engine.pid is not None
