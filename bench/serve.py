@@ -1,12 +1,13 @@
 """Serving benchmark: continuous batching versus one request at a time, like vLLM's serving benchmark.
 
     python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 8]
+                          [--min-requests 32] [--server-args "--engine-in-process"]
 
 Starts two ``openglm serve`` processes on free ports, each on a fresh SQLite database (its demo key):
 one with continuous batching (``--max-batch-size 16``) and one limited to one request at a time
 (``--max-batch-size 1``). Against each, at each concurrency C, C clients send streamed completions
-back to back (C x prompts-per-client requests; ``--request-rate`` instead spaces the requests as a
-Poisson process, C at most in flight). Reported, as vLLM does: request and output-token throughput,
+back to back (C x prompts-per-client requests, at least min-requests; ``--request-rate`` instead
+spaces the requests as a Poisson process, C at most in flight). Reported, as vLLM does: request and output-token throughput,
 time to first token (TTFT), time per output token TPOT = (latency - TTFT) / (output tokens - 1), and
 inter-token latency (ITL, between consecutive streamed chunks: a token that completes no printable
 text, such as half a UTF-8 character, joins the next), p50 and p99. Goals: >= 4x output-token throughput at concurrency 16, and TTFT
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request (at most)")
     ap.add_argument("--prompts-per-client", type=int, default=8, help="requests per level = this x concurrency")
+    ap.add_argument("--min-requests", type=int, default=32,
+                    help="requests per level at least (so that low concurrency levels get stable medians too)")
     ap.add_argument("--request-rate", type=float, default=float("inf"),
                     help="requests per second, Poisson arrivals (default: all at once, concurrency-limited)")
     ap.add_argument("--batch-size", type=int, default=16, help="--max-batch-size of the batching server")
@@ -172,8 +175,9 @@ def main() -> None:
             try:
                 asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
                 for c in levels:
-                    results, wall = asyncio.run(run_level(server.url, server.key, c, c * args.prompts_per_client,
-                                                          args.max_tokens, args.request_rate))
+                    n = max(c * args.prompts_per_client, args.min_requests)
+                    results, wall = asyncio.run(run_level(server.url, server.key, c, n, args.max_tokens,
+                                                          args.request_rate))
                     rows[label, c] = summarize(results, wall)
                     r = rows[label, c]
                     print(f"{label:>14} c={c:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1000:7.1f} ms",

@@ -15,7 +15,8 @@ prefilled in a forward of their own before the step's decode, and their first to
 one that arrives while a step's forward runs does not wait for its end: between two layers of that
 forward the engine prefills it, sends its first token, and goes on with the paused forward. So
 under load the time to first token is about one prefill instead of up to two steps, and the
-requests already generating wait that prefill longer for their next token.
+requests already generating wait that prefill longer for their next token. A step is paused once
+at most (prompts arriving later go first in the next step), which bounds that wait.
 
 The asyncio side never calls the model: ``submit`` only queues the request, and the engine thread
 hands each step's events back to the request's event loop with ``call_soon_threadsafe``.
@@ -336,6 +337,7 @@ class Engine:
         self._cond = threading.Condition()  # guards _waiting, _calls, _thread, _stopping
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._paused = False  # this step's forward was paused once already for new prompts
 
     @property
     def num_running(self) -> int:
@@ -454,6 +456,7 @@ class Engine:
         self._run_calls()
         now = time.monotonic()
         self._reap(now)
+        self._paused = False
         self._prefill_first(now)
         self._admit(now)
         decoding = [s for s in self._slots if s is not None and s.prefilled == s.prompt_len]
@@ -529,11 +532,12 @@ class Engine:
 
     def _between_layers(self) -> None:
         """Called by a decode forward after each layer: prefill the short prompts that arrived since
-        it began (``_prefill_first``), then go on with it where it paused."""
-        if self._waiting and None in self._slots:  # cheap checks first: this runs after every layer
+        it began (``_prefill_first``), then go on with it where it paused; once per step at most."""
+        if self._waiting and not self._paused and None in self._slots:  # cheap checks: runs after every layer
             plan = self._cache.plan
             if self._prefill_first(time.monotonic()):
                 self.preemptions += 1
+                self._paused = True
             self._cache.plan = plan
 
     def _prefill_plan(self) -> tuple[list[_Sequence], list[int]]:

@@ -165,6 +165,42 @@ def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model,
     assert [e.token for e in running_events] == alone(model, tokenizer, running_ids, greedy(20))[0]
 
 
+def test_a_step_is_paused_once_at_most(model, tokenizer, monkeypatch):
+    # Two prompts arrive while the engine is held inside layer 0; together they exceed the budget, so
+    # the pause after layer 0 prefills the first only. The second is not prefilled after layer 1 (the
+    # step was paused once already): it goes first in the next step, after the held step's tokens.
+    running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
+    layer, entered, release, armed = model.model.layers[0], threading.Event(), threading.Event(), []
+    original = layer.forward
+
+    def held(*args, **kwargs):
+        if armed:
+            armed.clear()
+            entered.set()
+            release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", held)
+
+    async def scenario(engine):
+        running = engine.submit(EngineRequest(running_ids, greedy(20)))
+        await anext(running)
+        armed.append(True)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        seen = running.completion_tokens
+        late = [engine.submit(EngineRequest(late_ids, greedy(4))) for _ in range(2)]
+        release.set()
+        during = []
+        for handle in late:
+            await anext(handle)
+            during.append(running.completion_tokens - seen)
+        for handle in [running, *late]:
+            await handle.result()
+        return during, engine.preemptions
+
+    assert serve(model, tokenizer, scenario, prefill_chunk=8) == ([0, 1], 1)
+
+
 def test_each_request_keeps_its_own_sampling_params_in_one_batch(model, tokenizer):
     ids = [tokenizer.encode(p) for p in PROMPTS]
     ref_tokens = alone(model, tokenizer, ids[0], greedy(10))[0]
