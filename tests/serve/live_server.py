@@ -50,11 +50,11 @@ class LiveServer:
 @contextlib.contextmanager
 def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: int = 256, balance: int = 10**9,
             price: tuple[int, int] = (1_000_000, 2_000_000), admin_key: str | None = None,
-            engine_process: bool = False, **key_limits):
+            engine_process: bool = True, **key_limits):
     """A live server for ``checkpoint`` on a fresh account; yields (server, store, secret, account id).
 
     The model id is "tiny"; the account's key has ``key_limits`` (rpm, tpm, max_concurrency, models).
-    ``engine_process``: the engine runs in a process of its own (as ``openglm serve`` runs it).
+    ``engine_process``: the engine runs in a process of its own, as ``openglm serve`` runs it (False: in this one).
     """
     from openglm import load_model, load_tokenizer
     from openglm.serve.app import create_app
