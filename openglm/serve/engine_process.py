@@ -176,15 +176,12 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception:  # a result that does not unpickle here: its caller waits until the engine stops
+                log.exception("could not read a message of the engine process")
+                continue
             if message[0] == "events":
                 _, items, self.num_running, self.num_waiting = message
-                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-                for item in items:
-                    handle = self._handles.get(item[0])
-                    if handle is not None:
-                        by_loop.setdefault(handle._loop, []).append((handle, *item[1:]))
-                for loop, batch in by_loop.items():
-                    _call_soon(loop, self._deliver, batch)
+                self._hand_out([(self._handles.get(item[0]), *item[1:]) for item in items])
             elif message[0] == "result":
                 _, call_id, ok, value = message
                 loop, future = self._calls.pop(call_id)
@@ -196,15 +193,19 @@ class EngineProcess:
             log.error(message)
             if self.on_exit is not None:
                 self.on_exit(message)
-        ended = [(h, None, "error", None, None) for h in list(self._handles.values())]
-        by_loop = {}
-        for item in ended:
-            by_loop.setdefault(item[0]._loop, []).append(item)
-        for loop, batch in by_loop.items():
-            _call_soon(loop, self._deliver, batch)
+        self._hand_out([(h, None, "error", None, None) for h in list(self._handles.values())])
         for call_id, (loop, future) in list(self._calls.items()):
             self._calls.pop(call_id, None)
             _call_soon(loop, _resolve, future, False, EngineFull("the engine process stopped"))
+
+    def _hand_out(self, items: list) -> None:
+        """(handle, event, finish reason, queue time, first token time) items to their handles' loops."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item in items:
+            if item[0] is not None:  # None: a request this process no longer knows
+                by_loop.setdefault(item[0]._loop, []).append(item)
+        for loop, batch in by_loop.items():
+            _call_soon(loop, self._deliver, batch)
 
     def _deliver(self, items: list) -> None:  # on the handles' event loop
         for handle, event, finish_reason, queue_time, first_token_time in items:
