@@ -408,13 +408,17 @@ class Engine:
     async def run_exclusive(self, fn: Callable, *args, **kwargs):
         """``fn(*args, **kwargs)`` run on the engine thread between two steps (under
         ``torch.inference_mode``); returns its result or raises its exception."""
+        return await asyncio.wrap_future(self._call(fn, args, kwargs))
+
+    def _call(self, fn: Callable, args, kwargs) -> concurrent.futures.Future:
+        """Queue ``fn(*args, **kwargs)`` for the engine thread (any thread may call); its future."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._thread is None or self._stopping:
                 raise EngineFull("the engine is not running")
             self._calls.append((future, fn, args, kwargs))
             self._cond.notify()
-        return await asyncio.wrap_future(future)
+        return future
 
     def _cancel(self, handle: RequestHandle) -> None:  # the handle is marked; wake an idle engine to end it
         with self._cond:

@@ -320,14 +320,12 @@ def _child_main(conn, source: str, device: str, threads: int | None, engine_kw: 
         elif kind == "call":
             _, call_id, fn, args, kwargs = message
             args = [stand_ins[a.name] if isinstance(a, _InEngine) else a for a in args]
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            future.add_done_callback(lambda f, call_id=call_id: call_done(call_id, f))
-            with engine._cond:
-                if engine._thread is None or engine._stopping:
-                    future.set_exception(EngineFull("the engine is not running"))
-                else:
-                    engine._calls.append((future, fn, args, kwargs))
-                    engine._cond.notify()
+            try:
+                future = engine._call(fn, args, kwargs)
+            except EngineFull as e:
+                outbox.send(("result", call_id, False, e))
+            else:
+                future.add_done_callback(lambda f, call_id=call_id: call_done(call_id, f))
         elif kind == "stop":
             break
     engine.stop()  # pending requests end "cancelled", their events still sent if the pipe is open
