@@ -44,6 +44,10 @@ def cmd_serve(args) -> int:
                                            timeout_graceful_shutdown=5))
     failure: list[BaseException] = []
 
+    def fail(error: BaseException) -> None:  # stop the server; cmd_serve raises the error once it has stopped
+        failure.append(error)
+        server.should_exit = True
+
     def load() -> None:  # the server answers /health with 503 meanwhile
         try:
             from ..data.tokenizer import load_tokenizer
@@ -63,17 +67,13 @@ def cmd_serve(args) -> int:
             else:
                 from .engine_process import EngineProcess
 
-                def engine_died(message: str) -> None:  # let a supervisor restart the whole server
-                    failure.append(OpenGLMError(message))
-                    server.should_exit = True
-
+                # An engine process that dies stops the server, for its supervisor to restart it.
                 engine = EngineProcess(str(directory), device=args.device, threads=args.threads,
-                                       on_exit=engine_died, **engine_kw)
+                                       on_exit=lambda message: fail(OpenGLMError(message)), **engine_kw)
             attach_model(app, engine, tokenizer)  # starts the engine (and waits for its process to load the model)
             print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:
-            failure.append(e)
-            server.should_exit = True
+            fail(e)
 
     base = f"http://{args.host}:{args.port}"
     if secret:
