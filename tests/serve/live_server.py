@@ -117,6 +117,10 @@ class ServerProcess:
                 pass
         return pids
 
+    def engine_pid(self) -> int:
+        """Pid of the server's engine process."""
+        return next(pid for pid in self.children() if "spawn_main" in open(f"/proc/{pid}/cmdline").read())
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)

@@ -114,6 +114,31 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_decode(mode
     assert [e.token for e in events] == alone(model, tokenizer, long_ids, greedy(5))[0]
 
 
+class LayerHold:
+    """Holds the engine thread at the start of ``layer``'s next forward: ``await engaged()`` arms the
+    hold and returns once the engine waits there; ``release()`` lets it go on."""
+
+    def __init__(self, layer, monkeypatch):
+        self._armed, self._entered, self._released = False, threading.Event(), threading.Event()
+        original = layer.forward
+
+        def held(*args, **kwargs):
+            if self._armed:
+                self._armed = False
+                self._entered.set()
+                self._released.wait(10)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(layer, "forward", held)
+
+    async def engaged(self) -> None:
+        self._armed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._entered.wait, 10)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 @pytest.mark.parametrize("case", ["decode", "packed", "too long", "off"])
 def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model, tokenizer, monkeypatch, case):
     # The engine is held inside layer 1 of a step's forward (a decode, or a decode packed with a long
@@ -123,17 +148,7 @@ def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model,
     running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
     long_ids = tokenizer.encode(PROMPTS[2] * 4)[:40]  # "packed": chunks of 8 beside the decode
     preempt = {"too long": 4, "off": 0}.get(case, 8)
-    layer, entered, release, armed = model.model.layers[1], threading.Event(), threading.Event(), []
-    original = layer.forward
-
-    def held(*args, **kwargs):
-        if armed:
-            armed.clear()
-            entered.set()
-            release.wait(10)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(layer, "forward", held)
+    hold = LayerHold(model.model.layers[1], monkeypatch)
 
     async def scenario(engine):
         running = engine.submit(EngineRequest(running_ids, greedy(20)))
@@ -142,11 +157,10 @@ def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model,
         if case == "packed":  # in a slot before the late request comes (waiting requests are taken in order)
             chunked = engine.submit(EngineRequest(long_ids, greedy(3)))
             events.append(await anext(running))
-        armed.append(True)
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        await hold.engaged()
         packed, seen = engine.packed_steps, running.completion_tokens
         late = engine.submit(EngineRequest(late_ids, greedy(6)))
-        release.set()
+        hold.release()
         first = await anext(late)
         during = running.completion_tokens - seen
         rest = (await late.result())[0]
@@ -170,26 +184,15 @@ def test_a_step_is_paused_once_at_most(model, tokenizer, monkeypatch):
     # the pause after layer 0 prefills the first only. The second is not prefilled after layer 1 (the
     # step was paused once already): it goes first in the next step, after the held step's tokens.
     running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
-    layer, entered, release, armed = model.model.layers[0], threading.Event(), threading.Event(), []
-    original = layer.forward
-
-    def held(*args, **kwargs):
-        if armed:
-            armed.clear()
-            entered.set()
-            release.wait(10)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(layer, "forward", held)
+    hold = LayerHold(model.model.layers[0], monkeypatch)
 
     async def scenario(engine):
         running = engine.submit(EngineRequest(running_ids, greedy(20)))
         await anext(running)
-        armed.append(True)
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        await hold.engaged()
         seen = running.completion_tokens
         late = [engine.submit(EngineRequest(late_ids, greedy(4))) for _ in range(2)]
-        release.set()
+        hold.release()
         during = []
         for handle in late:
             await anext(handle)
