@@ -116,6 +116,10 @@ class Config:
         rope_type = rope.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
         if rope_type != "default":
             raise OpenGLMError(f"rope type {rope_type!r} is not supported (only 'default')")
+        # The MLP is always up * silu(gate); another activation would load and give wrong logits.
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise OpenGLMError(f"hidden_act {act!r} is not supported (only 'silu')")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         return cls(
@@ -170,7 +174,8 @@ class Config:
             "rope_theta": self.rope_theta,
             "partial_rotary_factor": self.partial_rotary_factor,
             "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_id),
+            # null, not []: transformers' generate fails on an empty list of end tokens.
+            "eos_token_id": list(self.eos_token_id) or None,
             "bos_token_id": self.bos_token_id,
             "torch_dtype": torch_dtype,
             "use_cache": True,

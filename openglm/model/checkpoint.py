@@ -175,7 +175,7 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         config.save(tmp, torch_dtype=model_dtype)
-        gen = {"eos_token_id": list(config.eos_token_id), "pad_token_id": config.pad_token_id, **(generation_config or {})}
+        gen = {"eos_token_id": list(config.eos_token_id) or None, "pad_token_id": config.pad_token_id, **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from openglm import Config, GLMForCausalLM, load_model, save_model  # noqa: E402
+from openglm import Config, GLMForCausalLM, OpenGLMError, load_model, save_model  # noqa: E402
 
 TOL = 1e-4
 
@@ -100,3 +100,23 @@ def test_tied_embeddings_round_trip(tmp_path):
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert (hf(ids).logits - back(ids)).abs().max().item() < TOL
+
+
+def test_other_activation_is_refused_not_loaded_wrong(tmp_path):
+    hf = hf_model(post_norms=True, hidden_act="gelu")
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(OpenGLMError, match="hidden_act 'gelu' is not supported"):
+        load_model(tmp_path)
+
+
+def test_checkpoint_without_end_token_generates_in_transformers(tmp_path):
+    ours = GLMForCausalLM.from_config(Config.from_name("glm-tiny-debug"), seed=3)
+    assert ours.config.eos_token_id == []
+    save_model(ours, tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.tensor([[5, 6, 7]])
+    out = hf.generate(ids, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        first = ours(ids)[0, -1].argmax().item()
+    assert out.shape == (1, 7) and out[0, 3].item() == first
+    assert load_model(tmp_path / "ckpt").config.eos_token_id == []
