@@ -6,7 +6,8 @@ for ``glm4``, so query/key weights need no permutation. The tokenizer is written
 byte-level BPE (tokens, merges, token types, special ids by name); its pre-tokenizer split is the
 one llama.cpp calls ``qwen2`` (letters, single digits, punctuation runs), which ours equals.
 Weight matrices are stored as ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (``gguf.quants``); norms and
-biases stay ``f32`` as llama.cpp expects.
+biases stay ``f32`` as llama.cpp expects. The chat template (the checkpoint's own, else GLM-4's, as
+``openglm chat`` uses) goes in ``tokenizer.chat_template``, so llama.cpp chats in the model's format.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _tokenizer_metadata(writer, directory: Path, vocab_size: int) -> None:
     """Tokenizer keys; a model with more embedding rows than tokens gets ``[PAD{i}]`` placeholders."""
     import gguf
 
+    from ..data.chat import chat_template_of
     from ..data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(directory)
@@ -57,6 +59,7 @@ def _tokenizer_metadata(writer, directory: Path, vocab_size: int) -> None:
     writer.add_pad_token_id(eos)
     writer.add_eot_token_id(tok.token_id("<|user|>"))
     writer.add_add_bos_token(False)
+    writer.add_chat_template(chat_template_of(directory))
 
 
 def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -> Path:

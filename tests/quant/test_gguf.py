@@ -8,6 +8,7 @@ import torch
 
 from openglm import load_model
 from openglm.cli import main
+from openglm.data.chat import CHAT_TEMPLATES, render_chat_text, save_chat_template
 from openglm.errors import OpenGLMError
 from openglm.quant.gguf import export_gguf
 
@@ -54,6 +55,38 @@ def test_export_reads_back(tiny_checkpoint, tokenizer, tmp_path, out_type, atol)
         assert np.abs(got - expected).max() <= atol * scale + 1e-6, gguf_name
 
 
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is GLM?"}]
+
+
+def _render_as_llama_cpp(template: str, messages: list[dict]) -> str:
+    """The template rendered the way llama.cpp's Jinja front ends render ``tokenizer.chat_template``."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+
+
+def test_export_carries_the_glm4_chat_template(tiny_checkpoint, tmp_path):
+    reader = gguf.GGUFReader(str(export_gguf(tiny_checkpoint, tmp_path / "m.gguf", "q8_0")))
+    template = _field(reader, "tokenizer.chat_template")
+    assert template == CHAT_TEMPLATES["glm4"]
+    prompt = _render_as_llama_cpp(template, CONVERSATION)
+    assert prompt == render_chat_text(CONVERSATION, add_generation_prompt=True)
+    assert prompt == ("[gMASK]<sop><|system|>\nAnswer briefly.<|user|>\n你好<|assistant|>\nHello."
+                      "<|user|>\nWhat is GLM?<|assistant|>")
+
+
+def test_export_carries_the_checkpoint_own_template(tiny_checkpoint, tmp_path):
+    import shutil
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "own")
+    own = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}<|assistant|>"
+    save_chat_template(ckpt, own)
+    reader = gguf.GGUFReader(str(export_gguf(ckpt, tmp_path / "m.gguf", "f16")))
+    assert _field(reader, "tokenizer.chat_template") == own
+
+
 def test_cli_convert_to_gguf(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "m-q8.gguf"
     assert main(["convert", str(tiny_checkpoint), "--to", "gguf", "--gguf-type", "q8_0", "-o", str(out)]) == 0
@@ -81,3 +114,14 @@ def test_llama_cpp_runs_the_export_like_openglm(tiny_checkpoint, tokenizer, tmp_
     assert np.allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
     assert llm.tokenize(b"fills blanks in text", add_bos=False, special=False) == tokenizer.encode("fills blanks in text")
+
+
+def test_llama_cpp_chats_in_the_glm4_format(tiny_checkpoint, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = export_gguf(tiny_checkpoint, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, n_threads=1)
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATES["glm4"]
+    reply = llm.create_chat_completion(messages=CONVERSATION, max_tokens=4, temperature=0)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["prompt_tokens"] == len(llm.tokenize(
+        render_chat_text(CONVERSATION, add_generation_prompt=True).encode(), add_bos=False, special=True))
