@@ -359,8 +359,9 @@ class _Server:
                 for j in range(n):
                     seed = None if params.seed is None else params.seed + j  # n samples, not n copies
                     choice = SamplingParams(**{**vars(params), "seed": seed})
-                    handles.append(engine.submit(EngineRequest(ids, choice, logprobs,
-                                                               request_id=f"{reservation.request_id}-{p * n + j}")))
+                    # The engine request's id is its own (EngineRequest makes one), never the client's
+                    # request_id: that one is unique per account only.
+                    handles.append(engine.submit(EngineRequest(ids, choice, logprobs)))
         except (EngineFull, PromptTooLong) as e:
             for handle in handles:
                 handle.cancel()

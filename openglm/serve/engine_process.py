@@ -14,6 +14,7 @@ If the child dies, its requests end with ``finish_reason == "error"`` and later 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -61,9 +62,10 @@ class EngineProcess:
         self.pid: int | None = None
         self._process = self._conn = self._reader = None
         self._send_lock = threading.Lock()
-        self._handles: dict[str, RequestHandle] = {}  # submitted and not ended
+        self._handles: dict[str, RequestHandle] = {}  # submitted and not ended, by the id this process gave
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
+        self._request_ids = itertools.count()
         self._alive = self._stopping = False
 
     @property
@@ -125,7 +127,7 @@ class EngineProcess:
     def submit(self, request: EngineRequest) -> RequestHandle:
         """As ``Engine.submit``: queue ``request`` and return its handle at once, or raise
         ``PromptTooLong`` / ``OpenGLMError`` for a request the engine cannot run and ``EngineFull``
-        when its queue is full or it does not run."""
+        when its queue is full or it does not run. The handle's ``request_id`` is one this object makes."""
         loop = asyncio.get_running_loop()
         if not self._alive:
             raise EngineFull("the engine is not running")
@@ -133,6 +135,9 @@ class EngineProcess:
         # Running requests fill the batch's slots, the rest wait: the same bound as Engine's queue.
         if len(self._handles) >= self.max_batch_size + self.max_queue:
             raise EngineFull(f"the engine's queue is full ({self.max_queue} requests waiting); retry later")
+        # Keyed by an id of our own, whatever the caller's request_id: two requests with the same
+        # one (say, a client's text) would otherwise get each other's events.
+        request = dataclasses.replace(request, request_id=str(next(self._request_ids)))
         handle = RequestHandle(request, self, loop)
         self._handles[request.request_id] = handle
         try:
