@@ -96,10 +96,18 @@ def table(results: list[dict]) -> str:
 
 
 def cmd_eval(args) -> int:
-    from ..utils import atomic_write_text
+    from ..utils import atomic_write_text, check_writable
 
     if not (args.ppl or args.mc or args.tasks_dir):
         raise OpenGLMError("nothing to evaluate: give --ppl FILE, --mc FILE or --tasks-dir DIR")
+    # Output problems show before the models run, not after.
+    for out in (args.json, args.plot):
+        if out:
+            check_writable(out, directory=False)
+    if args.plot:
+        from .report import require_matplotlib
+
+        require_matplotlib()
     docs, items = _read_data(args)
     results = [_evaluate(name, docs, items, args) for name in [args.model, *args.compare]]
     print(table(results))

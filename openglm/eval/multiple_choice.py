@@ -32,6 +32,7 @@ class MCResult:
     items: int = 0
     correct: int = 0
     correct_norm: int = 0
+    chance_sum: float = 0.0  # sum over items of 1 / number of choices
 
     @property
     def acc(self) -> float:
@@ -43,7 +44,8 @@ class MCResult:
 
     def as_dict(self) -> dict:
         return {"items": self.items, "acc": self.acc, "acc_ci95": list(wilson_interval(self.correct, self.items)),
-                "acc_norm": self.acc_norm, "acc_norm_ci95": list(wilson_interval(self.correct_norm, self.items))}
+                "acc_norm": self.acc_norm, "acc_norm_ci95": list(wilson_interval(self.correct_norm, self.items)),
+                "chance": self.chance_sum / max(self.items, 1)}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -141,6 +143,7 @@ def multiple_choice(model, tokenizer, items: Iterable[dict], batch_size: int = 8
             # argmin of NLL = argmax of log-likelihood; ties go to the first choice.
             result.correct += min(range(start, end), key=lambda i: nll[i]) - start == label
             result.correct_norm += min(range(start, end), key=lambda i: nll[i] / chars[i]) - start == label
+            result.chance_sum += 1 / len(item["choices"])
             start = end
         result.items += len(group)
         if bar is not None:
