@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # a disk that fills up or a file that vanishes mid-run: the cause, not a traceback
+        print(f"openglm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("openglm: interrupted", file=sys.stderr)
         return 130

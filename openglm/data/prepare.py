@@ -51,7 +51,7 @@ from itertools import chain
 from pathlib import Path
 
 from ..errors import OpenGLMError
-from ..utils import atomic_write_bytes, atomic_write_text
+from ..utils import atomic_write_bytes, atomic_write_text, check_writable
 
 DEFAULT_SHARD_TOKENS = 16 * 2**20
 FORMAT = "openglm-token-shards"
@@ -171,7 +171,7 @@ def prepare(
     if workers < 1:
         raise OpenGLMError(f"workers must be at least 1, got {workers}")
     splits = ["train", "val"] if val_fraction else [split or "train"]
-    output = Path(output)
+    output = check_writable(output)
     start = time.perf_counter()
 
     tok = load_tokenizer(tokenizer)

@@ -34,8 +34,10 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..utils import check_writable
     from .tokenizer import read_texts, train_tokenizer
 
+    check_writable(args.output)
     texts = read_texts(args.input, max_chars=args.max_chars, progress=True)
     tok = train_tokenizer(texts, args.vocab_size, min_frequency=args.min_frequency, show_progress=True)
     path = tok.save(args.output)

@@ -50,7 +50,9 @@ def cmd_info(args) -> int:
 
 def cmd_convert(args) -> int:
     from ..errors import OpenGLMError
+    from ..utils import check_writable
 
+    check_writable(args.output, directory=args.to != "gguf")
     if args.to == "hf":
         from .convert import convert_chatglm
 

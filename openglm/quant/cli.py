@@ -13,8 +13,10 @@ def cmd_quantize(args) -> int:
     from ..data.tokenizer import load_tokenizer
     from ..errors import OpenGLMError
     from ..model.checkpoint import checkpoint_dir, load_model, save_model, weight_files
+    from ..utils import check_writable
     from .quantize import quantize_model
 
+    check_writable(args.output)
     source = checkpoint_dir(args.model)
     model = load_model(source, dtype=torch.float32)
     if getattr(model, "quantization", None) is not None:

@@ -84,6 +84,7 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
         raise OpenGLMError(f"no tokenizer.json in {directory}; GGUF files carry their tokenizer")
 
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     arch = gguf.MODEL_ARCH.GLM4
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
@@ -123,10 +124,14 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
         else:
             writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, output)  # a crash never leaves a half-written file under the final name
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise  # a crash never leaves a half-written file under the final name
     return output

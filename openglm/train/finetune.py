@@ -240,6 +240,9 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
     from ..data.tokenizer import load_tokenizer
     from ..model.checkpoint import checkpoint_dir, load_model
 
+    from ..utils import check_writable
+
+    check_writable(output)
     adapter = Path(adapter)
     if (adapter / ADAPTER / "adapter_config.json").is_file():
         adapter = adapter / ADAPTER
