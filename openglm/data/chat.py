@@ -267,6 +267,19 @@ def render_chat_text(messages: list[dict], tools: list[dict] | None = None, add_
     return _render(template, to_template_messages(messages, tools), tools, add_generation_prompt)
 
 
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                  template: str | None = None) -> list[int]:
+    """Token ids of a conversation to generate the assistant's next turn from: ``render_chat``'s ids
+    with ``add_generation_prompt=True``, in time linear in the conversation (one rendering, one pass
+    of the tokenizer), where ``render_chat`` renders every prefix to find the assistant's tokens."""
+    template = template or CHAT_TEMPLATES[DEFAULT_TEMPLATE]
+    items = to_template_messages(messages, tools)
+    tokenizer.check_glm_special_tokens(CHAT_TOKENS)
+    hider = _Hider(tokenizer.special_ids)
+    text = _render(template, hider.hide(items), hider.hide(tools), True)
+    return _tokenize(tokenizer, hider, text, [], [])[0]
+
+
 def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = False,
                 template: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its training loss mask: ``(ids, loss_mask)``, equal lengths.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from ..data.chat import chat_template_of, end_of_turn_ids, render_chat
+from ..data.chat import chat_template_of, end_of_turn_ids, render_prompt
 from .generate import generate_steps
 from .sampling import SamplingParams
 
@@ -13,9 +13,7 @@ from .sampling import SamplingParams
 def chat_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None,
                 template: str | None = None) -> list[int]:
     """Token ids of ``messages`` followed by the ``<|assistant|>`` generation prompt."""
-    ids, _ = render_chat(tokenizer, messages, tools, add_generation_prompt=True,
-                         template=template or chat_template_of(tokenizer))
-    return ids
+    return render_prompt(tokenizer, messages, tools, template=template or chat_template_of(tokenizer))
 
 
 def chat_stream(model, tokenizer, messages: list[dict], tools: list[dict] | None = None,

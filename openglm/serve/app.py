@@ -3,6 +3,8 @@
 Every generation request goes: body checks (pydantic) -> key (``Store.authenticate``) -> model name ->
 prompt tokens and length checks -> ``Store.reserve`` (worst case: prompt + max tokens) -> the engine ->
 ``Store.settle`` with the engine's own token counts. Nothing reaches the model before all checks pass.
+A chat, whose rendering costs time in its size, is bounded (``MAX_CHAT_MESSAGES``, ``MAX_CHAT_CHARS``)
+and its key's limits and balance checked (``Store.check``) before it is rendered, on a worker thread.
 Store calls are blocking database transactions, so they run in worker threads; the engine is async.
 
 Each generation runs as a ``_Job``: a task of its own that drains the engine handles and settles the
@@ -23,7 +25,7 @@ import time
 from datetime import date, datetime
 from pathlib import Path
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
@@ -47,6 +49,9 @@ _ZHIPU_BY_STATUS = {400: "1210", 401: "1000", 403: "1220", 404: "1211", 413: "12
                     500: "500", 503: "1305"}
 _FINISH = {"timeout": "length", "cancelled": "abort"}  # engine reasons that OpenAI has no word for
 KEY_CACHE_SECONDS = 5.0
+MAX_CHAT_MESSAGES = 2048  # OpenAI's own limit
+MAX_CHAT_CHARS = 1_000_000  # text of one chat: far more than any context this server serves holds
+RENDER_THREADS = 4  # chats rendered at once: long ones never take all the threads the database calls need
 _Id = Annotated[int, PathParam(ge=1, lt=S.MAX_UNITS)]
 _IdQuery = Annotated[int | None, Query(ge=1, lt=S.MAX_UNITS)]
 
@@ -262,6 +267,7 @@ class _Server:
         self.created = int(time.time())
         self.jobs: set[asyncio.Task] = set()
         self.keys: dict[str, tuple] = {}  # secret -> (KeyInfo, monotonic expiry): see authenticate
+        self.render_threads = CapacityLimiter(RENDER_THREADS)
 
     # ---------------------------------------------------------------------------- checks
 
@@ -333,9 +339,16 @@ class _Server:
         return max_tokens
 
     async def reserve(self, key, request_id: str | None, prompt_tokens: int, max_tokens: int, stream: bool):
+        return await self._billing(self.store.reserve, key, self.model_name, request_id, prompt_tokens, max_tokens,
+                                   stream)
+
+    async def check(self, key, request_id: str | None, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse now what ``reserve`` would refuse for a request of at least this size (``Store.check``)."""
+        await self._billing(self.store.check, key, self.model_name, request_id, prompt_tokens, max_tokens)
+
+    async def _billing(self, fn, key, *args):
         try:
-            return await to_thread.run_sync(self.store.reserve, key, self.model_name, request_id, prompt_tokens,
-                                            max_tokens, stream)
+            return await to_thread.run_sync(fn, key, *args)
         except StoreError as e:
             err = _store_error(e)
             if e.http_status == 429:
@@ -421,6 +434,18 @@ class _Server:
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [{self.token_text(a): alp for a, alp in top} for _, _, top in entries],
                 "text_offset": offsets}
+
+
+def _check_chat_size(messages: list[dict], tools: list[dict] | None) -> None:
+    """400 for a chat over ``MAX_CHAT_MESSAGES`` messages or ``MAX_CHAT_CHARS`` characters of text."""
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise APIError(400, f"messages: {len(messages)} messages, more than the {MAX_CHAT_MESSAGES} a chat may have",
+                       param="messages", code="too_many_messages")
+    chars = sum(len(m["content"]) + sum(len(json.dumps(c, ensure_ascii=False)) for c in m.get("tool_calls", ()))
+                for m in messages) + (len(json.dumps(tools, ensure_ascii=False)) if tools else 0)
+    if chars > MAX_CHAT_CHARS:
+        raise APIError(400, f"messages: {chars} characters of text, more than the {MAX_CHAT_CHARS} a chat may have",
+                       param="messages", code="chat_too_long")
 
 
 def _chat_params(tokenizer, body, max_new_tokens: int, temperature: float) -> SamplingParams:
@@ -529,14 +554,22 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
 
     async def chat(request: Request, key, body, *, tools, max_tokens, temperature, logprobs, n, request_id,
                    zhipu: bool):
-        from ..data.chat import parse_assistant, render_chat
+        from ..data.chat import parse_assistant, render_prompt
 
         arrived = time.monotonic()
         srv.check_model(body.model)
         srv.ready()
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
-        ids, _ = render_chat(srv.tokenizer, [m.to_template() for m in body.messages], tools=tool_dicts,
-                             add_generation_prompt=True)
+        messages = [m.to_template() for m in body.messages]
+        _check_chat_size(messages, tool_dicts)
+        if max_tokens is not None and max_tokens >= srv.max_seq_len():  # a prompt has one token at least
+            raise APIError(400, f"max_tokens ({max_tokens}) leaves no room for a prompt in the model's context "
+                           f"of {srv.max_seq_len()} tokens", code="context_length_exceeded", param="max_tokens",
+                           zhipu="1261")
+        # Rendering costs time in the chat's size: only for a key that may run the request (at its
+        # smallest: one prompt token), and on a thread of its own, never on the event loop.
+        await srv.check(key, request_id, 1, (max_tokens or 1) * n)
+        ids = await to_thread.run_sync(render_prompt, srv.tokenizer, messages, tool_dicts, limiter=srv.render_threads)
         params = _chat_params(srv.tokenizer, body, srv.budget(len(ids), max_tokens), temperature)
         job, headers = await srv.start_job(key, [ids], n, params, logprobs, request_id, body.stream, arrived)
         rid = job.reservation.request_id

@@ -332,6 +332,18 @@ class Store:
         _check_live(key, _now())
         return key
 
+    def check(self, key: KeyInfo, model: str, request_id: str | None, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise what ``reserve`` would raise for a request of at least this size, holding nothing.
+
+        A read for the routes with costly work to do (rendering a long chat) before they know the
+        request's real size: a refused key is refused before that work. ``reserve`` checks again.
+        """
+        _check_count("prompt_tokens", prompt_tokens)
+        _check_count("max_tokens", max_tokens)
+        with self._reader.begin() as conn:
+            account = conn.execute(select(accounts).where(accounts.c.id == key.account_id)).one()
+            _admit(conn, key, account, model, request_id, prompt_tokens, max_tokens, _now())
+
     def reserve(self, key: KeyInfo, model: str, request_id: str | None, prompt_tokens: int, max_tokens: int,
                 stream: bool) -> Reservation:
         """Hold the request's worst-case cost, in one transaction with its checks.
@@ -344,28 +356,12 @@ class Store:
         _check_count("prompt_tokens", prompt_tokens)
         _check_count("max_tokens", max_tokens)
         request_id = request_id or uuid4().hex
-        if len(request_id) > 128:
-            raise OpenGLMError("request_id is longer than 128 characters")
         with self._engine.begin() as conn:
             # The account lock serialises every check-then-write of this account (and so of its keys).
             account = conn.execute(select(accounts).where(accounts.c.id == key.account_id)
                                    .with_for_update()).one()
             now = _now()  # after the lock: the order of start times is the order of the checks
-            fresh = _key(conn.execute(select(api_keys).where(api_keys.c.id == key.id)).one())
-            _check_live(fresh, now)
-            if not fresh.allows(model):
-                raise ModelNotAllowed(f"this API key may not use model {model!r}")
-            used = union_all(*(select(t.c.id).where(t.c.account_id == key.account_id, t.c.request_id == request_id)
-                               for t in (reservations, usage)))
-            if conn.execute(used).first():
-                raise DuplicateRequest(f"request_id {request_id!r} was already used")
-            _check_limits(conn, fresh, prompt_tokens + max_tokens, now)
-            price = _price(conn, model)
-            hold = cost_of(prompt_tokens, max_tokens, price)
-            if account.balance - account.reserved < hold:
-                raise InsufficientBalance(
-                    f"insufficient balance: this request may cost up to {hold} units, "
-                    f"{account.balance - account.reserved} available; top up the account")
+            price, hold = _admit(conn, key, account, model, request_id, prompt_tokens, max_tokens, now)
             conn.execute(update(accounts).where(accounts.c.id == account.id)
                          .values(reserved=accounts.c.reserved + hold))
             reservation_id = conn.execute(insert(reservations).values(
@@ -652,6 +648,30 @@ def _window(conn, key_id: int, now: datetime) -> list[tuple[datetime, int]]:
     running = conn.execute(select(reservations.c.created_at, reservations.c.prompt_tokens + reservations.c.max_tokens)
                            .where(reservations.c.key_id == key_id, reservations.c.created_at > since)).all()
     return sorted((t, int(n)) for t, n in settled + running)
+
+
+def _admit(conn, key: KeyInfo, account, model: str, request_id: str | None, prompt_tokens: int, max_tokens: int,
+           now: datetime) -> tuple[tuple[int, int], int]:
+    """``reserve``'s checks of a request on ``account`` (its row); returns (price, worst-case cost)."""
+    if request_id is not None and len(request_id) > 128:
+        raise OpenGLMError("request_id is longer than 128 characters")
+    fresh = _key(conn.execute(select(api_keys).where(api_keys.c.id == key.id)).one())
+    _check_live(fresh, now)
+    if not fresh.allows(model):
+        raise ModelNotAllowed(f"this API key may not use model {model!r}")
+    if request_id is not None:
+        used = union_all(*(select(t.c.id).where(t.c.account_id == key.account_id, t.c.request_id == request_id)
+                           for t in (reservations, usage)))
+        if conn.execute(used).first():
+            raise DuplicateRequest(f"request_id {request_id!r} was already used")
+    _check_limits(conn, fresh, prompt_tokens + max_tokens, now)
+    price = _price(conn, model)
+    hold = cost_of(prompt_tokens, max_tokens, price)
+    if account.balance - account.reserved < hold:
+        raise InsufficientBalance(
+            f"insufficient balance: this request may cost up to {hold} units, "
+            f"{account.balance - account.reserved} available; top up the account")
+    return price, hold
 
 
 def _check_limits(conn, key: KeyInfo, tokens: int, now: datetime) -> None:

@@ -16,6 +16,7 @@ from openglm.data.chat import (
     parse_assistant,
     render_chat,
     render_chat_text,
+    render_prompt,
     save_chat_template,
 )
 from openglm.data.tokenizer import SPECIAL_TOKENS
@@ -111,6 +112,8 @@ def test_text_and_ids_match_transformers(case, generation_prompt, tokenizer, hf_
     if ends_with_answer:  # the answer is closed by <|endoftext|>, which GLM-4 chat models stop on
         expected = expected + [tokenizer.token_id("<|endoftext|>")]
     assert ids == expected
+    if generation_prompt:  # the server's path: one rendering, the same ids
+        assert render_prompt(tokenizer, messages, tools) == expected
     assert len(mask) == len(ids)
     assert tokenizer.decode(ids) == text + ("<|endoftext|>" if ends_with_answer else "")
 

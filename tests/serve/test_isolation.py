@@ -69,3 +69,68 @@ def test_two_accounts_sending_the_same_request_id_get_their_own_answers(tiny_che
             assert store.get_account(account).reserved == 0
             # each account paid for its own two answers, and only for those
             assert store.ledger_totals(account)["completion_tokens"] == 2 * usage["completion_tokens"]
+
+
+def _long_chat(messages: int, chars: int) -> dict:
+    return {"model": "tiny", "max_tokens": 4, "messages": [
+        {"role": ("user", "assistant")[i % 2], "content": f"{i} " + "x" * (chars - 1 - len(str(i)))}
+        for i in range(messages)]}
+
+
+def test_a_long_chat_never_stalls_the_server(tiny_checkpoint, tmp_path):
+    # 2048 messages (the most a chat may have), 800 KB of text: once rendered in time quadratic in the
+    # message count, on the event loop, which froze every route for the while.
+    body = _long_chat(2048, 400)
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'long.db'}", engine_process=False) as (
+            server, store, secret, _):
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+                chat = asyncio.create_task(c.post("/v1/chat/completions", json=body,
+                                                  headers={"Authorization": f"Bearer {secret}"}))
+                latencies = []
+                while not chat.done():
+                    started = time.monotonic()
+                    assert (await c.get("/health", timeout=5)).status_code == 200
+                    latencies.append(time.monotonic() - started)
+                    await asyncio.sleep(0.02)
+                return await chat, latencies
+
+        r, latencies = asyncio.run(scenario())
+    # Rendered and counted (then refused: it does not fit the test model's context of 256 tokens).
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert len(latencies) > 3 and max(latencies) < 0.5, latencies
+    print(f"/health during the long chat: {len(latencies)} calls, slowest {max(latencies) * 1000:.0f} ms")
+
+
+def test_a_refused_key_is_refused_before_its_chat_is_rendered(tiny_checkpoint, tmp_path, monkeypatch):
+    from openglm.data import chat
+
+    rendered = []
+    render = chat.render_prompt
+    monkeypatch.setattr(chat, "render_prompt", lambda *a, **k: rendered.append(1) or render(*a, **k))
+    body = _long_chat(2048, 40)
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'refused.db'}", engine_process=False, rpm=1) as (
+            server, store, secret, _):
+        _, broke = store.create_key(store.create_account("broke", 0).id)
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            def post(secret: str, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
+                return c.post(path, json=body, headers={"Authorization": f"Bearer {secret}"})
+
+            no_money = post(broke, body)
+            zhipu_no_money = post(broke, body, ZHIPU)
+            assert post(secret, {**body, "messages": body["messages"][:1]}).status_code == 200  # the minute's one
+            assert len(rendered) == 1
+            over_rpm = post(secret, body)
+            too_many = post(secret, _long_chat(2049, 2))
+            too_long = post(secret, _long_chat(2, 500_001))
+            zhipu_too_many = post(secret, _long_chat(10_000, 2), ZHIPU)
+    assert no_money.status_code == 429 and no_money.json()["error"]["code"] == "insufficient_quota"
+    assert zhipu_no_money.status_code == 429 and zhipu_no_money.json()["error"]["code"] == "1113"
+    assert over_rpm.status_code == 429 and over_rpm.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "retry-after" in over_rpm.headers
+    for r, what in ((too_many, "2049 messages"), (too_long, "1000002 characters")):
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert what in r.json()["error"]["message"]
+    assert zhipu_too_many.status_code == 400 and zhipu_too_many.json()["error"]["code"] == "1210"
+    assert len(rendered) == 1  # only the request that ran was rendered

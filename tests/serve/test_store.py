@@ -219,6 +219,20 @@ def test_concurrency_limit(store):
     store.reserve(key, "m", None, 1, 1, True)
 
 
+
+def test_check_refuses_what_reserve_would_and_holds_nothing(store):
+    account, key = _account_and_key(store, 100, rpm=2)
+    store.check(key, "m", "abc", 10, 20)                            # fits: nothing held, nothing counted
+    assert store.get_account(account.id).reserved == 0 and store.open_reservations() == []
+    with pytest.raises(InsufficientBalance):
+        store.check(key, "m", None, 1, 50)                          # 1 + 100 > 100
+    store.settle(store.reserve(key, "m", "abc", 1, 1, False), 1, 1, "stop", 1)
+    with pytest.raises(DuplicateRequest):
+        store.check(key, "m", "abc", 1, 1)
+    store.reserve(key, "m", None, 1, 1, False)
+    with pytest.raises(RateLimited):                                # the minute's two are used
+        store.check(key, "m", None, 1, 1)
+
 def test_usage_by_day_and_model(store):
     store.set_price("n", 0, 1_000_000)
     account, key = _account_and_key(store, 10_000)
