@@ -1,7 +1,7 @@
 """Model configuration: one dataclass, a registry of named shapes, and the Hugging Face mapping.
 
-A checkpoint directory holds the config as Hugging Face ``config.json`` (model type ``glm`` or
-``glm4``), so the same file is read by ``transformers`` and by openglm. Fields that only openglm
+A checkpoint directory holds the config as Hugging Face ``config.json`` (model type ``glm``,
+``glm4`` or ``glm4_moe``), so the same file is read by ``transformers`` and by openglm. Fields that only openglm
 understands (2D positions for the original GLM blank-infilling form) are written under their own
 names, which ``transformers`` keeps as inert attributes.
 """
@@ -40,6 +40,17 @@ class Config:
     pad_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # Mixture of experts (HF ``glm4_moe``: GLM-4.5, 4.5-Air, 4.6, 4.7); ``num_experts == 0`` is a dense model.
+    num_experts: int = 0  # routed experts per MoE layer (HF n_routed_experts)
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 1408  # width of each routed and shared expert
+    num_shared_experts: int = 1  # always-on experts, run as one MLP of num_shared_experts x that width
+    first_k_dense_replace: int = 1  # the first layers keep a dense MLP of intermediate_size
+    n_group: int = 1  # experts are chosen inside the topk_group best of n_group groups
+    topk_group: int = 1
+    norm_topk_prob: bool = True  # the chosen experts' scores are renormalised to sum to 1
+    routed_scaling_factor: float = 1.0
+    use_qk_norm: bool = False  # RMSNorm over each query and key head before the rotation
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
@@ -58,6 +69,24 @@ class Config:
             )
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
+        if self.num_experts or self.use_qk_norm:
+            self._check_moe()
+
+    def _check_moe(self):
+        problem = None
+        if not self.num_experts:
+            problem = "use_qk_norm exists only in MoE (glm4_moe) models"
+        elif self.post_norms or self.position_encoding_2d:
+            problem = "MoE (glm4_moe) models have neither post_norms nor 2D positions"
+        elif self.num_experts % self.n_group or self.num_experts // self.n_group < 2:
+            problem = f"num_experts={self.num_experts} must split into n_group={self.n_group} groups of 2 or more"
+        elif not 1 <= self.topk_group <= self.n_group:
+            problem = f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}"
+        elif not 1 <= self.num_experts_per_tok <= self.topk_group * (self.num_experts // self.n_group):
+            problem = (f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and the "
+                       f"{self.topk_group * (self.num_experts // self.n_group)} experts of the chosen groups")
+        if problem:
+            raise OpenGLMError(f"config {self.name!r}: {problem}")
 
     @property
     def rotary_dim(self) -> int:
@@ -65,18 +94,42 @@ class Config:
 
     @property
     def model_type(self) -> str:
-        return "glm4" if self.post_norms else "glm"
+        return "glm4_moe" if self.num_experts else "glm4" if self.post_norms else "glm"
+
+    @property
+    def rotary_interleaved(self) -> bool:
+        """GLM-4 dense rotates interleaved pairs ``(x[2i], x[2i+1])``; ``glm4_moe`` the two halves of the rotary dims."""
+        return not self.num_experts
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.num_experts) and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def num_parameters(self) -> int:
+        """Every parameter (the routers' correction biases are buffers, not counted)."""
+        return self._count_parameters(self.num_experts)
+
+    @property
+    def num_active_parameters(self) -> int:
+        """Parameters one token uses: all of a dense model; a MoE model's chosen and shared experts only."""
+        return self._count_parameters(self.num_experts_per_tok if self.num_experts else 0)
+
+    def _count_parameters(self, experts: int) -> int:
         d, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         q = self.num_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
-        mlp = 3 * d * self.intermediate_size
+        attn += 2 * self.head_dim if self.use_qk_norm else 0
         norms = (4 if self.post_norms else 2) * d
-        per_layer = attn + mlp + norms
+        moe_layers = self.num_moe_layers
+        dense_mlp = 3 * d * self.intermediate_size
+        moe_mlp = self.num_experts * d + (experts + self.num_shared_experts) * 3 * d * self.moe_intermediate_size
+        layers = self.num_layers * (attn + norms) + (self.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        return layers + embed + d
 
     # -- named configs -------------------------------------------------------------------------
 
@@ -107,9 +160,9 @@ class Config:
     @classmethod
     def from_hf_dict(cls, hf: dict) -> "Config":
         model_type = hf.get("model_type")
-        if model_type not in ("glm", "glm4"):
+        if model_type not in ("glm", "glm4", "glm4_moe"):
             raise OpenGLMError(
-                f"config.json has model_type {model_type!r}; openglm reads 'glm' and 'glm4'"
+                f"config.json has model_type {model_type!r}; openglm reads 'glm', 'glm4' and 'glm4_moe'"
                 + (" (convert ChatGLM checkpoints with `openglm convert`)" if model_type == "chatglm" else "")
             )
         rope = hf.get("rope_parameters") or {}
@@ -134,7 +187,7 @@ class Config:
             partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             rms_norm_eps=hf.get("rms_norm_eps", 1.5625e-07),
-            attention_bias=hf.get("attention_bias", True),
+            attention_bias=hf.get("attention_bias", model_type != "glm4_moe"),
             post_norms=model_type == "glm4",
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 131072),
@@ -143,11 +196,12 @@ class Config:
             pad_token_id=hf.get("pad_token_id"),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=hf.get("bos_token_id"),
+            **(_moe_from_hf(hf) if model_type == "glm4_moe" else {}),
         )
 
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict:
         """``config.json``; ``torch_dtype`` is the dtype the model loads in by default."""
-        arch = "Glm4ForCausalLM" if self.post_norms else "GlmForCausalLM"
+        arch = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[self.model_type]
         hf = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -183,6 +237,8 @@ class Config:
         }
         if self.position_encoding_2d:
             hf["position_encoding_2d"] = True
+        if self.num_experts:
+            hf.update(_moe_to_hf(self))
         return hf
 
     def save(self, directory: str | Path, torch_dtype: str = "float32") -> None:
@@ -192,15 +248,60 @@ class Config:
         atomic_write_text(Path(directory) / "config.json", text)
 
 
+# -- mixture of experts: the glm4_moe fields of config.json and the published shapes --------------
+
+# (our field, HF glm4_moe key, transformers' default when config.json lacks the key)
+_MOE_HF_FIELDS = (
+    ("num_experts", "n_routed_experts", 128),
+    ("num_experts_per_tok", "num_experts_per_tok", 8),
+    ("moe_intermediate_size", "moe_intermediate_size", 1408),
+    ("num_shared_experts", "n_shared_experts", 1),
+    ("first_k_dense_replace", "first_k_dense_replace", 1),
+    ("n_group", "n_group", 1),
+    ("topk_group", "topk_group", 1),
+    ("norm_topk_prob", "norm_topk_prob", True),
+    ("routed_scaling_factor", "routed_scaling_factor", 1.0),
+    ("use_qk_norm", "use_qk_norm", False),
+)
+
+
+def _moe_from_hf(hf: dict) -> dict:
+    return {ours: hf.get(key, default) for ours, key, default in _MOE_HF_FIELDS}
+
+
+def _moe_to_hf(c: Config) -> dict:
+    # The published checkpoints carry a multi-token-prediction layer after the last one; openglm neither
+    # runs nor keeps it, so what it writes declares none.
+    return {**{key: getattr(c, ours) for ours, key, _ in _MOE_HF_FIELDS}, "num_nextn_predict_layers": 0}
+
+
+# Published config.json of the zai-org checkpoints (the MTP layer left out, see _moe_to_hf).
+_GLM45 = Config(
+    name="glm-4.5", vocab_size=151552, hidden_size=5120, intermediate_size=12288, num_layers=92,
+    num_heads=96, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+    max_position_embeddings=131072, pad_token_id=151329, eos_token_id=[151329, 151336, 151338],
+    num_experts=160, num_experts_per_tok=8, moe_intermediate_size=1536, num_shared_experts=1,
+    first_k_dense_replace=3, routed_scaling_factor=2.5, use_qk_norm=True,
+)
+_GLM45_AIR = dataclasses.replace(
+    _GLM45, name="glm-4.5-air", hidden_size=4096, intermediate_size=10944, num_layers=46, num_experts=128,
+    moe_intermediate_size=1408, first_k_dense_replace=1, routed_scaling_factor=1.0, use_qk_norm=False,
+)
+_GLM46 = dataclasses.replace(_GLM45, name="glm-4.6", max_position_embeddings=202752)
+_GLM47 = dataclasses.replace(_GLM46, name="glm-4.7")
+_MOE_FAMILIES = [_GLM45, _GLM45_AIR, _GLM46, _GLM47]
+
+
 def _register(*configs: Config) -> dict[str, Config]:
     return {c.name: c for c in configs}
 
 
 def _debug(c: Config) -> Config:
-    """The 2-layer, 64-wide sibling of a family, used by the tests."""
+    """The 2-layer, 64-wide sibling of a family, used by the tests (MoE: one dense layer, one of 8 experts)."""
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1) if c.num_experts else {}
     return dataclasses.replace(
         c, name=f"{c.name}-debug", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, **moe,
     )
 
 
@@ -241,5 +342,6 @@ _GLM4_100M = Config(
     post_norms=True,
 )
 
-_FAMILIES = [_GLM4_9B, _GLM4_9B_CHAT, _GLM4_9B_0414, _GLM4_32B_0414, _CHATGLM3_6B, _GLM_TINY, _GLM_TINY_2D, _GLM4_100M]
+_FAMILIES = [_GLM4_9B, _GLM4_9B_CHAT, _GLM4_9B_0414, _GLM4_32B_0414, _CHATGLM3_6B, _GLM_TINY, _GLM_TINY_2D, _GLM4_100M,
+             *_MOE_FAMILIES]
 CONFIGS: dict[str, Config] = _register(*_FAMILIES, *(_debug(c) for c in _FAMILIES))

@@ -1,15 +1,19 @@
 """Checkpoints in the Hugging Face layout: ``config.json``, ``model.safetensors`` (or shards with an
 index), ``tokenizer.json``, ``generation_config.json``.
 
-Parameter names are those of ``transformers``' GLM classes, so no renaming happens here; other
-layouts (ChatGLM) are converted by ``openglm.model.convert``. Loading builds the model on the meta
-device and assigns the tensors read from safetensors, so weights are never held twice.
+Parameter names are those of ``transformers``' GLM classes, so dense checkpoints need no renaming;
+other layouts (ChatGLM) are converted by ``openglm.model.convert``. MoE (``glm4_moe``) checkpoints
+store each expert's projections apart and the dense MLPs' gate and up projections apart; openglm
+holds one stacked tensor per expert projection and fused gate/up projections, and ``MOE_PIECES``
+maps the names both ways. Loading builds the model on the meta device and assigns the tensors read
+from safetensors (MoE pieces copied straight into their stacked tensor), so weights are never held twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,6 +74,109 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> tup
     return state, metadata
 
 
+# HF glm4_moe tensor -> (our tensor, where the piece goes in it). ``e`` indexes the stacked experts;
+# "gate"/"up" are the two halves of a fused ``gate_up_proj`` (gate rows first, as ``MLP`` splits it).
+# Every other name is the same on both sides.
+MOE_PIECES = [
+    (r"(?P<p>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.gate_proj\.weight", "{p}.gate_up_proj", "gate"),
+    (r"(?P<p>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.up_proj\.weight", "{p}.gate_up_proj", "up"),
+    (r"(?P<p>model\.layers\.\d+\.mlp\.experts)\.(?P<e>\d+)\.down_proj\.weight", "{p}.down_proj", None),
+    (r"(?P<p>model\.layers\.\d+\.mlp(?:\.shared_experts)?)\.gate_proj\.weight", "{p}.gate_up_proj.weight", "gate"),
+    (r"(?P<p>model\.layers\.\d+\.mlp(?:\.shared_experts)?)\.up_proj\.weight", "{p}.gate_up_proj.weight", "up"),
+]
+# Our stacked or fused tensor -> its HF pieces (name template, half), the reverse of MOE_PIECES for
+# saving; "{e}" marks a tensor stacked over the experts.
+SPLIT_PIECES = [
+    (r"(?P<p>model\.layers\.\d+\.mlp\.experts)\.gate_up_proj", [("{p}.{e}.gate_proj.weight", "gate"), ("{p}.{e}.up_proj.weight", "up")]),
+    (r"(?P<p>model\.layers\.\d+\.mlp\.experts)\.down_proj", [("{p}.{e}.down_proj.weight", None)]),
+    (r"(?P<p>model\.layers\.\d+\.mlp(?:\.shared_experts)?)\.gate_up_proj\.weight",
+     [("{p}.gate_proj.weight", "gate"), ("{p}.up_proj.weight", "up")]),
+]
+# Names of float32 tensors whatever the model's dtype: the router chooses experts (as transformers keeps them).
+ROUTER_TENSOR = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def moe_piece(name: str) -> tuple[str, int | None, str | None] | None:
+    """``(our tensor, expert or None, "gate"/"up"/None)`` for an HF tensor stored inside one of ours, else None."""
+    for pattern, ours, half in MOE_PIECES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            e = m.groupdict().get("e")
+            return ours.format(p=m["p"]), None if e is None else int(e), half
+    return None
+
+
+def _piece_index(expert: int | None, half: str | None, rows: int) -> tuple:
+    """Index of a piece in its tensor; ``rows`` is the fused tensor's row count (2 x width)."""
+    index = () if expert is None else (expert,)
+    if half is not None:
+        index += (slice(0, rows // 2) if half == "gate" else slice(rows // 2, rows),)
+    return index
+
+
+def hf_pieces(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our MoE state dict in the HF per-expert layout: views of our tensors, no copies."""
+    out = {}
+    for name, t in state.items():
+        for pattern, pieces in SPLIT_PIECES:
+            m = re.fullmatch(pattern, name)
+            if m:
+                stacked = "{e}" in pieces[0][0]
+                for e in range(t.shape[0]) if stacked else [None]:
+                    for template, half in pieces:
+                        out[template.format(p=m["p"], e=e)] = t[_piece_index(e, half, t.shape[-2])]
+                break
+        else:
+            out[name] = t
+    return out
+
+
+def read_moe_safetensors(files: list[Path], expected: dict[str, torch.Size], num_layers: int,
+                         dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a ``glm4_moe`` checkpoint into our layout, each HF piece copied into its stacked tensor as it
+    is read (so the experts are never held twice). The router stays float32; tensors of layers past
+    ``num_layers`` (the published multi-token-prediction layer) are skipped, as ``transformers`` does.
+    """
+    state, metadata, filled = {}, {}, {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                metadata = metadata or (sf.metadata() or {})
+                for name in sf.keys():
+                    layer = _LAYER.match(name)
+                    if layer and int(layer[1]) >= num_layers:
+                        continue
+                    t = sf.get_tensor(name)
+                    want = torch.float32 if ROUTER_TENSOR.search(name) else dtype
+                    if want is not None and t.is_floating_point():
+                        t = t.to(want)
+                    piece = moe_piece(name)
+                    if piece is None or piece[0] not in expected:
+                        state[name] = t
+                        continue
+                    ours, expert, half = piece
+                    if expert is not None and expert >= expected[ours][0]:
+                        raise OpenGLMError(f"{f}: {name} names expert {expert}, its config has {expected[ours][0]}")
+                    if ours not in state:
+                        state[ours] = torch.empty(expected[ours], dtype=t.dtype)
+                        filled[ours] = set()
+                    index = _piece_index(expert, half, expected[ours][-2])
+                    target = state[ours][index]
+                    if target.shape != t.shape:
+                        raise OpenGLMError(f"{f}: {name} has shape {tuple(t.shape)}, its config wants {tuple(target.shape)}")
+                    target.copy_(t)
+                    filled[ours].add((expert, half))
+        except (OSError, SafetensorError) as e:  # truncated or foreign files
+            raise OpenGLMError(f"cannot read {f}: {e}") from None
+    for ours, got in filled.items():
+        pieces = next(p for pattern, p in SPLIT_PIECES if re.fullmatch(pattern, ours))
+        want = len(pieces) * (expected[ours][0] if "{e}" in pieces[0][0] else 1)
+        if len(got) != want:
+            raise OpenGLMError(f"checkpoint lacks {want - len(got)} of the {want} pieces of {ours} (per-expert or gate/up tensors)")
+    return state, metadata
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Raise a readable error if ``state`` does not fit ``model`` (names or shapes)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -103,7 +210,13 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
     config = Config.from_file(directory)
     if dtype is None:
         dtype = _recorded_dtype(directory)
-    state, metadata = read_safetensors(weight_files(directory), dtype)
+    files = weight_files(directory)
+    if config.num_experts:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in GLMForCausalLM(config).state_dict().items()}
+        state, metadata = read_moe_safetensors(files, expected, config.num_layers, dtype)
+    else:
+        state, metadata = read_safetensors(files, dtype)
     scheme = QuantScheme.from_metadata(metadata)
     if scheme is not None and torch.device(device).type != "cpu":
         raise OpenGLMError(f"{directory} is quantized ({scheme.label}); quantized models run on the CPU only")
@@ -157,6 +270,8 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
     model_dtype = next(n for n, d in _DTYPES.items() if d == model.model.norm.weight.dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    if config.num_experts:  # the published per-expert layout, which transformers and llama.cpp read
+        state = {k: v.contiguous() for k, v in hf_pieces(state).items()}
     scheme = getattr(model, "quantization", None)
     meta = {"format": "pt", **(scheme.to_metadata() if scheme else {}), **(metadata or {})}
 

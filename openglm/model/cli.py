@@ -29,11 +29,19 @@ def cmd_info(args) -> int:
 
     config, directory = _describe(args.model)
     n = config.num_parameters
-    embed = config.vocab_size * config.hidden_size
+    embed = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     rows = [("name", config.name), ("model type", config.model_type + (" (2D positions)" if config.position_encoding_2d else "")),
-            ("parameters", f"{n:,} ({n / 1e6:.1f}M; {n - embed * (1 if config.tie_word_embeddings else 2):,} outside embeddings)")]
+            ("parameters", f"{n:,} ({n / 1e6:.1f}M; {n - embed:,} outside embeddings)")]
+    active = config.num_active_parameters
+    if config.num_experts:
+        rows.append(("experts", f"{config.num_experts} routed ({config.num_experts_per_tok} per token) + "
+                                f"{config.num_shared_experts} shared, in {config.num_moe_layers} of {config.num_layers} layers"))
+        rows.append(("active parameters", f"{active:,} per token ({active / 1e9:.2f}B; {active - embed:,} outside embeddings)"))
+    # A decode step reads the active weights but only one row of the input embeddings.
+    per_token = active - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
     for dtype, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
-        rows.append((f"weights {dtype}", f"{n * nbytes / 2**20:,.1f} MiB"))
+        read = f" ({per_token * nbytes / 2**20:,.1f} MiB read per decoded token)" if config.num_experts else ""
+        rows.append((f"weights {dtype}", f"{n * nbytes / 2**20:,.1f} MiB{read}"))
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     rows.append(("KV cache bf16", f"{kv / 1024:,.1f} KiB per token"))
     if directory is not None:

@@ -1,15 +1,22 @@
-"""The GLM network: GLM-4 dense (Hugging Face ``glm`` / ``glm4``) and the original GLM blank-infilling form.
+"""The GLM network: GLM-4 dense (Hugging Face ``glm`` / ``glm4``), GLM-4.5+ mixture of experts
+(``glm4_moe``) and the original GLM blank-infilling form.
 
 One model class, set by ``Config``:
 - ``post_norms``: GLM-4-0414 (``glm4``) adds a norm after attention and after the MLP, before each
   residual add;
 - ``position_encoding_2d``: the original GLM's 2D positions. ``position_ids`` is then ``[B, 2, T]``
   and the second row (position inside a blank) rotates the ``rotary_dim`` head dims after those the
-  first row rotates.
+  first row rotates;
+- ``num_experts``: GLM-4.5/4.6/4.7 (``glm4_moe``). Layers from ``first_k_dense_replace`` on replace the
+  MLP by a ``MoE`` block (sigmoid router, routed experts stored stacked ``[E, ...]``, shared experts);
+  optional q/k norms; the rotary dims are rotated as two halves instead of interleaved pairs.
 
-Module and parameter names are exactly those of ``transformers``' ``GlmForCausalLM``, so a
-Hugging Face state dict loads with no renaming. Shapes: B batch, T new tokens, S keys (cache + new),
-H query heads, K key/value heads, D head dim, C hidden size.
+Module and parameter names are exactly those of ``transformers``' ``GlmForCausalLM``, so a dense
+Hugging Face state dict loads with no renaming; MoE experts (one tensor per projection, as
+``transformers`` 5 holds them) and fused gate/up projections are mapped from the per-expert names of
+the published checkpoints by ``openglm.model.checkpoint``. Shapes: B batch, T new tokens, S keys
+(cache + new), H query heads, K key/value heads, D head dim, C hidden size, N tokens (B*T), E
+experts, k experts per token, I expert width.
 """
 
 from __future__ import annotations
@@ -46,17 +53,23 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dt
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, rotations: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rotations: list[tuple[torch.Tensor, torch.Tensor]], interleaved: bool = True) -> torch.Tensor:
     """Rotate consecutive blocks of head dims of ``x [B, H, T, D]``, one ``(cos, sin)`` per block.
 
-    GLM rotates *interleaved* pairs ``(x[2i], x[2i+1])``; dims after the last block pass through.
+    GLM-4 dense rotates *interleaved* pairs ``(x[2i], x[2i+1])``; ``glm4_moe`` pairs ``x[i]`` with
+    ``x[i + width/2]`` inside the block. Dims after the last block pass through.
     """
     out, start = [], 0
     for cos, sin in rotations:
         width = 2 * cos.shape[-1]
-        pairs = x[..., start : start + width].unflatten(-1, (-1, 2))  # (B, H, T, width/2, 2)
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        out.append(torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2))
+        block = x[..., start : start + width]
+        if interleaved:
+            pairs = block.unflatten(-1, (-1, 2))  # (B, H, T, width/2, 2)
+            x0, x1 = pairs[..., 0], pairs[..., 1]
+            out.append(torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2))
+        else:
+            x0, x1 = block.chunk(2, dim=-1)  # (B, H, T, width/2) each
+            out.append(torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1))
         start += width
     out.append(x[..., start:])
     return torch.cat(out, dim=-1)
@@ -84,6 +97,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, C, bias=False)
         self.qkv = None  # the three projections as one call, where use_decode_layout found one
+        self.use_qk_norm, self.rotary_interleaved = config.use_qk_norm, config.rotary_interleaved
+        if config.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, rotations, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -91,10 +108,13 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rotations), apply_rotary(k, rotations)
+        q, k = apply_rotary(q, rotations, self.rotary_interleaved), apply_rotary(k, rotations, self.rotary_interleaved)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if T == 1 and mask is not True and _decode_kernel(q, k, v, mask):
@@ -107,14 +127,115 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
+
+
+class Router(nn.Module):
+    """Chooses ``num_experts_per_tok`` experts per token and their weights, as GLM-4.5 does.
+
+    Scores are sigmoids of float32 logits. ``e_score_correction_bias`` (auxiliary-loss-free load
+    balancing) is added only to *choose*: the experts' weights are their unbiased scores. With
+    ``n_group > 1`` a token first keeps the ``topk_group`` groups whose two best biased scores sum
+    highest and chooses among their experts only.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, C]`` -> ``weights [N, k]`` (float32), ``experts [N, k]``."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))  # (N, G, E/G)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+            keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, best, True)  # (N, G)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        experts = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (N, k)
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, experts
+
+
+def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: inference only (its CPU backward fails on an expert
+    with no tokens) and rows aligned to 16 bytes, as the kernel requires."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    n = x.element_size()
+    return all(d * n % 16 == 0 for d in w.shape[1:]) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+
+
+def expert_products(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``x [M, in]`` (rows grouped by expert: ``counts[e]`` rows for expert e, in order) times each
+    group's ``w[e] [out, in]`` transposed -> ``[M, out]``.
+
+    One matmul per expert that has tokens, never a loop over tokens; experts with none are not read,
+    so a decode step reads only the chosen experts' weights.
+    """
+    if _grouped_mm_fits(x, w):
+        return F.grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    hit = counts.nonzero().flatten()
+    rows = x.split(counts[hit].tolist())
+    return torch.cat([F.linear(r, w[e]) for r, e in zip(rows, hit.tolist())]) if rows else x.new_zeros(0, w.shape[1])
+
+
+class Experts(nn.Module):
+    """``num_experts`` SwiGLU MLPs stored stacked, one tensor per projection (as ``transformers`` 5):
+    ``gate_up_proj [E, 2I, C]`` (gate rows first) and ``down_proj [E, C, I]``."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E, C, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``x [N, C]``, the router's ``weights, experts [N, k]`` -> weighted sum of the chosen experts ``[N, C]``."""
+        k = experts.shape[1]
+        flat = experts.flatten()  # (N*k,) one slot per (token, choice)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        token = order // k  # (N*k,) the token of each grouped slot
+        gate, up = expert_products(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
+        y = expert_products(up * F.silu(gate), self.down_proj, counts)  # (N*k, C)
+        y = (y * weights.flatten()[order, None]).to(x.dtype)  # float32 weights, as transformers multiplies
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class MoE(nn.Module):
+    """The routed experts plus the shared experts (one always-on MLP) of a GLM-4.5 layer."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = MLP(config, shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        weights, experts = self.gate(x)  # (N, k) each
+        y = self.experts(x, weights, experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -122,7 +243,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         C, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(C, eps)
         self.post_attention_layernorm = RMSNorm(C, eps)
         self.post_norms = config.post_norms
@@ -209,6 +330,12 @@ class GLMForCausalLM(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std, generator=gen)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std, generator=gen)
+                module.down_proj.normal_(0.0, std, generator=gen)
 
     def positions(self, B: int, T: int, offset: int, device) -> torch.Tensor:
         """Default position ids: ``[B, T]``, or ``[B, 2, T]`` (span row zero) for 2D models."""
