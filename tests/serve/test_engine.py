@@ -11,7 +11,7 @@ import torch
 
 from openglm import Config, GLMForCausalLM, OpenGLMError, SamplingParams, load_model
 from openglm.infer.generate import generate_steps
-from openglm.serve.engine import Engine, EngineFull, EngineRequest, PromptTooLong
+from openglm.serve.engine import Engine, EngineFull, EngineRequest, PromptTooLong, RequestHandle
 
 PROMPTS = ["The General", "通用语言模型通过自回归", "Numbers like 2022 and 130 appear too, as do symbols",
            "It"]
@@ -115,28 +115,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_decode(mode
 
 
 class LayerHold:
-    """Holds the engine thread at the start of ``layer``'s next forward: ``await engaged()`` arms the
-    hold and returns once the engine waits there; ``release()`` lets it go on."""
+    """Holds the engine thread at the start of ``layer``'s forward. ``arm(when)`` returns a gate that
+    catches the next forward whose input ``x`` (B, T, C) satisfies ``when``; ``await gate.engaged()``
+    returns once the engine waits there, ``gate.release()`` lets it go on. Arming before the requests
+    are submitted makes the held step deterministic: the engine cannot run ahead of a slow event loop."""
+
+    class Gate:
+        def __init__(self, when):
+            self.when, self.entered, self.released = when, threading.Event(), threading.Event()
+
+        async def engaged(self) -> None:
+            entered = await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 60)
+            assert entered, "the engine never ran the forward the hold waited for"
+
+        def release(self) -> None:
+            self.released.set()
 
     def __init__(self, layer, monkeypatch):
-        self._armed, self._entered, self._released = False, threading.Event(), threading.Event()
+        self._gate: LayerHold.Gate | None = None
         original = layer.forward
 
-        def held(*args, **kwargs):
-            if self._armed:
-                self._armed = False
-                self._entered.set()
-                self._released.wait(10)
-            return original(*args, **kwargs)
+        def held(x, *args, **kwargs):
+            gate = self._gate
+            if gate is not None and gate.when(x):
+                self._gate = None
+                gate.entered.set()
+                gate.released.wait(60)
+            return original(x, *args, **kwargs)
 
         monkeypatch.setattr(layer, "forward", held)
 
-    async def engaged(self) -> None:
-        self._armed = True
-        await asyncio.get_running_loop().run_in_executor(None, self._entered.wait, 10)
+    def arm(self, when) -> LayerHold.Gate:
+        self._gate = LayerHold.Gate(when)
+        return self._gate
 
-    def release(self) -> None:
-        self._released.set()
+
+def delivery_log(monkeypatch) -> list:
+    """Every (handle, event) pair in the order the event loop hands them to their handles."""
+    log, original = [], RequestHandle._deliver
+
+    def logged(handle, event, finish_reason):
+        log.append((handle, event))
+        return original(handle, event, finish_reason)
+
+    monkeypatch.setattr(RequestHandle, "_deliver", logged)
+    return log
+
+
+def tokens_before(log: list, start: int, handle, other) -> int:
+    """How many of ``handle``'s tokens were delivered in ``log[start:]`` before ``other``'s first token
+    (counted from the delivery order itself, not when a slow event loop gets to read a counter)."""
+    count = 0
+    for h, event in log[start:]:
+        if h is other and event is not None:
+            return count
+        count += h is handle and event is not None
+    raise AssertionError("no token of the other request was delivered")
+
+
+def decode_step(x) -> bool:  # a decode forward: one new token per row
+    return x.shape[1] == 1
 
 
 @pytest.mark.parametrize("case", ["decode", "packed", "too long", "off"])
@@ -147,22 +185,26 @@ def test_a_short_prompt_arriving_mid_step_is_prefilled_between_two_layers(model,
     # preempt_tokens or preempt_tokens is 0. Every request's tokens are those it gets alone.
     running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
     long_ids = tokenizer.encode(PROMPTS[2] * 4)[:40]  # "packed": chunks of 8 beside the decode
+    assert len(running_ids) != 1 + 8
     preempt = {"too long": 4, "off": 0}.get(case, 8)
-    hold = LayerHold(model.model.layers[1], monkeypatch)
+    hold, log = LayerHold(model.model.layers[1], monkeypatch), delivery_log(monkeypatch)
 
     async def scenario(engine):
+        gate = hold.arm(decode_step)  # running's first decode step
         running = engine.submit(EngineRequest(running_ids, greedy(20)))
         events = [await anext(running)]
+        await gate.engaged()
         chunked = None
-        if case == "packed":  # in a slot before the late request comes (waiting requests are taken in order)
+        if case == "packed":  # in a slot before the late request comes, its chunks packed beside the decode
             chunked = engine.submit(EngineRequest(long_ids, greedy(3)))
-            events.append(await anext(running))
-        await hold.engaged()
-        packed, seen = engine.packed_steps, running.completion_tokens
+            first_gate, gate = gate, hold.arm(lambda x: x.shape[:2] == (1, 1 + 8))
+            first_gate.release()
+            await gate.engaged()
+        packed, seen = engine.packed_steps, len(log)
         late = engine.submit(EngineRequest(late_ids, greedy(6)))
-        hold.release()
+        gate.release()
         first = await anext(late)
-        during = running.completion_tokens - seen
+        during = tokens_before(log, seen, running, late)
         rest = (await late.result())[0]
         events += (await running.result())[0]
         if chunked is not None:
@@ -184,22 +226,19 @@ def test_a_step_is_paused_once_at_most(model, tokenizer, monkeypatch):
     # the pause after layer 0 prefills the first only. The second is not prefilled after layer 1 (the
     # step was paused once already): it goes first in the next step, after the held step's tokens.
     running_ids, late_ids = tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])[:6]
-    hold = LayerHold(model.model.layers[0], monkeypatch)
+    hold, log = LayerHold(model.model.layers[0], monkeypatch), delivery_log(monkeypatch)
 
     async def scenario(engine):
+        gate = hold.arm(decode_step)
         running = engine.submit(EngineRequest(running_ids, greedy(20)))
         await anext(running)
-        await hold.engaged()
-        seen = running.completion_tokens
+        await gate.engaged()
+        seen = len(log)
         late = [engine.submit(EngineRequest(late_ids, greedy(4))) for _ in range(2)]
-        hold.release()
-        during = []
-        for handle in late:
-            await anext(handle)
-            during.append(running.completion_tokens - seen)
+        gate.release()
         for handle in [running, *late]:
             await handle.result()
-        return during, engine.preemptions
+        return [tokens_before(log, seen, running, handle) for handle in late], engine.preemptions
 
     assert serve(model, tokenizer, scenario, prefill_chunk=8) == ([0, 1], 1)
 
