@@ -52,6 +52,9 @@ KEY_CACHE_SECONDS = 5.0
 MAX_CHAT_MESSAGES = 2048  # OpenAI's own limit
 MAX_CHAT_CHARS = 1_000_000  # text of one chat: far more than any context this server serves holds
 RENDER_THREADS = 4  # chats rendered at once: long ones never take all the threads the database calls need
+RECORD_TOKENS = 16  # a stream's count of tokens sent is written once this many are unrecorded,
+RECORD_SECONDS = 1.0  # or this long after the last write, whichever comes first (see _Deliveries)
+RECORD_LAG = 2 * RECORD_TOKENS  # the most tokens a stream runs ahead of its record: what a crash leaves unbilled
 _Id = Annotated[int, PathParam(ge=1, lt=S.MAX_UNITS)]
 _IdQuery = Annotated[int | None, Query(ge=1, lt=S.MAX_UNITS)]
 
@@ -145,17 +148,81 @@ def _sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+class _Deliveries:
+    """Writes how many tokens each stream has sent into its reservation (``Store.record_delivered``),
+    so that a server killed mid-stream bills them at its next start (``Store.recover``).
+
+    One task writes the counts of all streams in one transaction: as soon as one of them has
+    ``RECORD_TOKENS`` tokens unrecorded, else ``RECORD_SECONDS`` after its last write. A stream that
+    gets ``RECORD_LAG`` tokens ahead of its record waits for the next write before it sends more, so
+    however slow the database, a crash leaves at most ``RECORD_LAG`` tokens of a request unbilled.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.pending: dict[_Job, int] = {}  # counts not yet written
+        self.due = asyncio.Event()
+        self.written = asyncio.Event()  # set (and replaced) after each write
+        self.task: asyncio.Task | None = None
+
+    async def sent(self, job: _Job, count: int) -> None:
+        """The stream of ``job`` is about to send its ``count``-th token: note it, waiting first while
+        that would put it more than ``RECORD_LAG`` tokens ahead of its record."""
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+        while count - job.recorded > RECORD_LAG:
+            self.due.set()
+            await self.written.wait()
+        self.pending[job] = count
+        if count - job.recorded >= RECORD_TOKENS:
+            self.due.set()
+
+    def forget(self, job: _Job) -> None:
+        """The job settles: its count needs no writing any more."""
+        self.pending.pop(job, None)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.due.wait(), RECORD_SECONDS)
+            except TimeoutError:
+                pass
+            self.due.clear()
+            batch, self.pending = self.pending, {}
+            if not batch:
+                continue
+            try:
+                await to_thread.run_sync(self.store.record_delivered,
+                                         {job.reservation.id: n for job, n in batch.items()})
+            except Exception:  # the database failed: keep the counts for the next try; streams wait meanwhile
+                log.exception("recording the tokens streams sent failed; retrying")
+                for job, n in batch.items():
+                    self.pending[job] = max(n, self.pending.get(job, 0))
+                await asyncio.sleep(RECORD_SECONDS)
+                continue
+            for job, n in batch.items():
+                job.recorded = max(job.recorded, n)
+            self.written.set()
+            self.written = asyncio.Event()
+
+
 class _Job:
     """One HTTP generation request inside the engine: its handles, its reservation, its settlement.
 
     A task of its own drains every handle into ``events`` ((choice index, TokenEvent) pairs, then
     None), then settles the reservation with the handles' token counts, so the bill is right even if
     the HTTP response is cancelled or never sent. ``usage`` is what was billed, set before the None.
+    A stream's tokens are recorded in its reservation as they go (``_Deliveries``), for a crash.
     """
 
     def __init__(self, server: _Server, handles: list, reservation, prompt_tokens: int, arrived: float):
         self.server, self.handles, self.reservation = server, handles, reservation
         self.prompt_tokens, self.arrived = prompt_tokens, arrived
+        self.sent = self.recorded = 0  # a stream's tokens handed on to the response / written to the database
         self.events: asyncio.Queue = asyncio.Queue()
         self.usage: S.Usage | None = None
         self.error: BaseException | None = None
@@ -195,6 +262,9 @@ class _Job:
             else:
                 m.itl.observe(now - last)
             last, ended = now, event.finish_reason is not None
+            if self.reservation.stream:
+                self.sent += 1
+                await self.server.deliveries.sent(self, self.sent)
             await self.events.put((index, event))
         if not ended:  # ended without a new token (cancelled, engine stopped): say so with an empty event
             await self.events.put((index, TokenEvent(-1, "", finish_reason=handle.finish_reason or "abort")))
@@ -204,6 +274,7 @@ class _Job:
         m.requests.labels(handle.finish_reason or "unknown").inc()
 
     async def _settle(self) -> None:
+        self.server.deliveries.forget(self)
         completion = sum(h.completion_tokens for h in self.handles)
         reasons = sorted({h.finish_reason or "error" for h in self.handles})
         m = self.server.metrics
@@ -268,6 +339,7 @@ class _Server:
         self.jobs: set[asyncio.Task] = set()
         self.keys: dict[str, tuple] = {}  # secret -> (KeyInfo, monotonic expiry): see authenticate
         self.render_threads = CapacityLimiter(RENDER_THREADS)
+        self.deliveries = _Deliveries(store)
 
     # ---------------------------------------------------------------------------- checks
 
@@ -477,6 +549,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
             srv.engine.stop()
         if srv.jobs:  # let the cancelled jobs settle their bills
             await asyncio.wait(set(srv.jobs), timeout=10)
+        srv.deliveries.close()
 
     app = FastAPI(title="OpenGLM", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible and Zhipu-compatible API for GLM models, with GLM blank infilling.",

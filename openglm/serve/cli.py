@@ -35,8 +35,10 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or directory.name
     store = Store(args.db)
     recovered = store.recover()
-    if recovered:
-        print(f"released {recovered} reservations left open by a server that stopped", file=sys.stderr)
+    if recovered.settled or recovered.released:
+        print(f"recovered the requests of a server that stopped: {recovered.settled} billed for the "
+              f"{recovered.completion_tokens} tokens they had sent, {recovered.released} released unbilled",
+              file=sys.stderr)
     secret = store.ensure_demo(name)
     app = create_app(None, store, name, None, admin_key=args.admin_key or os.environ.get("OPENGLM_ADMIN_KEY"),
                      max_body_bytes=args.max_body_bytes)

@@ -86,6 +86,10 @@ reservations = Table(
     Column("owner_host", String(255), nullable=False),
     Column("owner_pid", Integer, nullable=False),
     Column("owner_instance", String(32), nullable=False),
+    # Completion tokens sent to the client so far (streams only), written in batches as they go out,
+    # and when: what recover() bills for a request whose server died.
+    Column("delivered", Integer, nullable=False, server_default="0"),
+    Column("delivered_at", UTCDateTime),
     UniqueConstraint("account_id", "request_id", name="uq_reservations_account_request"),
     Index("ix_reservations_key_created", "key_id", "created_at"),
 )

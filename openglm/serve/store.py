@@ -9,6 +9,10 @@ that checks the duplicate request id, the key's limits and the balance; ``settle
 charges the real usage and appends the ledger row in one transaction. Every check-then-write runs
 with the account row locked (``SELECT ... FOR UPDATE`` on PostgreSQL; ``BEGIN IMMEDIATE`` on SQLite,
 which takes the database's write lock), so replicas sharing one database never overspend a key.
+
+A streamed request's reservation records the completion tokens sent so far (``record_delivered``,
+written in batches as they go out); ``recover``, at the next start, bills a crashed server's
+requests for those and releases the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from uuid import uuid4
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, event, func, insert, select, text, union_all, update
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, text, union_all, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -163,6 +167,14 @@ class UsageRecord:
     finish_reason: str
     started_at: datetime
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """What ``recover`` did with the reservations of servers that are gone."""
+    settled: int            # billed for the completion tokens recorded as sent
+    released: int           # nothing recorded as sent: released unbilled
+    completion_tokens: int  # tokens the settled ones were billed for
 
 
 def cost_of(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:
@@ -384,11 +396,9 @@ class Store:
         if prompt_tokens > reservation.prompt_tokens or completion_tokens > reservation.max_tokens:
             raise OpenGLMError(f"usage ({prompt_tokens} + {completion_tokens} tokens) exceeds the reservation "
                                f"({reservation.prompt_tokens} + {reservation.max_tokens})")
-        now = _now()
         with self._engine.begin() as conn:
             row = conn.execute(delete(reservations).where(reservations.c.id == reservation.id)
-                               .returning(reservations.c.input_per_million, reservations.c.output_per_million,
-                                          reservations.c.hold)).first()
+                               .returning(*reservations.c)).first()
             if row is None:
                 done = conn.execute(select(usage).where(usage.c.account_id == reservation.account_id,
                                                         usage.c.request_id == reservation.request_id)).first()
@@ -396,16 +406,22 @@ class Store:
                     raise OpenGLMError(f"reservation {reservation.request_id!r} is no longer open "
                                        "(released, or recovered as abandoned)")
                 return _usage(done)
-            cost = cost_of(prompt_tokens, completion_tokens, (row.input_per_million, row.output_per_million))
-            conn.execute(update(accounts).where(accounts.c.id == reservation.account_id)
-                         .values(balance=accounts.c.balance - cost, reserved=accounts.c.reserved - row.hold))
-            values = dict(account_id=reservation.account_id, key_id=reservation.key_id,
-                          request_id=reservation.request_id, model=reservation.model, prompt_tokens=prompt_tokens,
-                          completion_tokens=completion_tokens, cost=cost, latency_ms=int(latency_ms),
-                          stream=reservation.stream, finish_reason=finish_reason,
-                          started_at=reservation.created_at, created_at=now)
-            usage_id = conn.execute(insert(usage).values(**values)).inserted_primary_key[0]
-        return UsageRecord(id=usage_id, **values)
+            return _charge(conn, row, prompt_tokens, completion_tokens, finish_reason, latency_ms)
+
+    def record_delivered(self, counts: dict[int, int]) -> None:
+        """Record in the open reservations ``{reservation id: completion tokens sent so far}``, in one
+        transaction, for ``recover`` to bill should the server die before it settles them. A count
+        never goes down; one for a reservation already settled or released is ignored."""
+        if not counts:
+            return
+        for n in counts.values():
+            _check_count("delivered tokens", n)
+        now = _now()
+        with self._engine.begin() as conn:
+            conn.execute(update(reservations)
+                         .where(reservations.c.id == bindparam("rid"), reservations.c.delivered < bindparam("n"))
+                         .values(delivered=bindparam("n"), delivered_at=now),
+                         [{"rid": rid, "n": n} for rid, n in sorted(counts.items())])  # one lock order
 
     def release(self, reservation: Reservation) -> None:
         """The request failed before generating anything: drop the hold, charge nothing, write no ledger
@@ -413,23 +429,35 @@ class Store:
         with self._engine.begin() as conn:
             _drop_reservation(conn, reservation.id)
 
-    def recover(self) -> int:
-        """Release the reservations whose server is gone; call at server start. Returns how many.
+    def recover(self) -> Recovered:
+        """Settle or release the reservations whose server is gone; call at server start.
 
         A reservation is abandoned when its process on this host no longer runs (or is this process
         and its Store is closed: a restarted server that got the same pid), or when it is older than
-        ``reservation_ttl`` (the only evidence about replicas on other hosts). Abandoned requests are
-        not charged: how many tokens their client received is unknown.
+        ``reservation_ttl`` (the only evidence about replicas on other hosts). An abandoned request
+        with completion tokens recorded as sent (``record_delivered``: a stream, in batches as it went
+        out) is settled for its prompt and those tokens (at most its ``max_tokens``, so never above
+        its hold), with finish reason "interrupted"; one with none recorded is released unbilled.
         """
         now = _now()
+        settled = tokens = 0
         with self._engine.begin() as conn:
             rows = conn.execute(select(reservations.c.id, reservations.c.created_at, reservations.c.owner_host,
                                        reservations.c.owner_pid, reservations.c.owner_instance)
                                 .order_by(reservations.c.id)).all()  # one order: concurrent recovers never deadlock
             abandoned = [r.id for r in rows if self._owner_gone(r, now)]
             for reservation_id in abandoned:
-                _drop_reservation(conn, reservation_id)
-        return len(abandoned)
+                row = conn.execute(delete(reservations).where(reservations.c.id == reservation_id)
+                                   .returning(*reservations.c)).one()
+                if row.delivered:
+                    sent = min(row.delivered, row.max_tokens)
+                    latency = (row.delivered_at or row.created_at) - row.created_at
+                    _charge(conn, row, row.prompt_tokens, sent, "interrupted", latency.total_seconds() * 1000, now)
+                    settled, tokens = settled + 1, tokens + sent
+                else:
+                    conn.execute(update(accounts).where(accounts.c.id == row.account_id)
+                                 .values(reserved=accounts.c.reserved - row.hold))
+        return Recovered(settled, len(abandoned) - settled, tokens)
 
     def _owner_gone(self, row, now: datetime) -> bool:
         if (now - row.created_at).total_seconds() > self.reservation_ttl:
@@ -531,7 +559,8 @@ def _make_engine(url: str):
             dbapi_connection.isolation_level = None  # let SQLAlchemy emit BEGIN itself (below)
             dbapi_connection.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
             # No fsync per commit: a killed process loses nothing, a power cut at most the last commits
-            # (settles then come back as open reservations, which recover() releases unbilled).
+            # (settles then come back as open reservations, which recover() bills for the tokens
+            # recorded as sent, or releases).
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
             dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
@@ -704,6 +733,21 @@ def _check_limits(conn, key: KeyInfo, tokens: int, now: datetime) -> None:
                     break
             raise RateLimited(f"rate limit reached: {key.tpm} tokens per minute", "tokens",
                               max((start + RATE_WINDOW - now).total_seconds(), 0.001))
+
+
+def _charge(conn, row, prompt_tokens: int, completion_tokens: int, finish_reason: str, latency_ms: float,
+            now: datetime | None = None) -> UsageRecord:
+    """Bill the usage of ``row`` (a reservation just deleted) at its prices: release its hold, charge
+    the cost, append the ledger row."""
+    cost = cost_of(prompt_tokens, completion_tokens, (row.input_per_million, row.output_per_million))
+    conn.execute(update(accounts).where(accounts.c.id == row.account_id)
+                 .values(balance=accounts.c.balance - cost, reserved=accounts.c.reserved - row.hold))
+    values = dict(account_id=row.account_id, key_id=row.key_id, request_id=row.request_id, model=row.model,
+                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost,
+                  latency_ms=int(latency_ms), stream=bool(row.stream), finish_reason=finish_reason,
+                  started_at=row.created_at, created_at=now or _now())
+    usage_id = conn.execute(insert(usage).values(**values)).inserted_primary_key[0]
+    return UsageRecord(id=usage_id, **values)
 
 
 def _drop_reservation(conn, reservation_id: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -130,56 +131,70 @@ def test_two_servers_on_one_postgres_never_overspend(tiny_checkpoint, postgres_u
 
 
 @pytest.mark.slow
-def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("engine", ["engine in its own process", "engine in the server's process"])
+def test_kill_9_under_load_then_restart_bills_what_was_sent(tiny_checkpoint, tmp_path, engine):
+    import sqlalchemy
+
+    from openglm.serve.app import RECORD_LAG
+    from openglm.serve.db import usage
     from openglm.serve.store import Store
 
     url = f"sqlite:///{tmp_path / 'kill.db'}"
-    balance = 10**9
+    balance, clients, max_tokens = 10**9, 8, 400
     with Store(url) as store:
         store.set_price("tiny", 1_000_000, 2_000_000)
         account = store.create_account("load", balance)
         _, secret = store.create_key(account.id)
+    args = ["--engine-in-process"] if "server's" in engine else []
+    sent = [0] * clients  # tokens each client received before the kill
+    ids = [None] * clients  # each request's id, as its response names it
 
     async def load(server_url: str) -> None:
-        async def one(c: httpx.AsyncClient) -> None:
-            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+        async def one(i: int, c: httpx.AsyncClient) -> None:
+            # logprobs: one event per token, so the client counts every token it was sent
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "logprobs": 0}
             try:
                 async with c.stream("POST", server_url + "/v1/completions", json=body) as r:
-                    async for _ in r.aiter_lines():
-                        pass
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            ids[i] = chunk["id"].removeprefix("cmpl-")
+                            sent[i] += sum(len(c["logprobs"]["tokens"]) for c in chunk["choices"] if c["logprobs"])
             except httpx.HTTPError:  # the server died under us
                 pass
 
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {secret}"}, timeout=60) as c:
-            await asyncio.gather(*(one(c) for _ in range(8)))
+            await asyncio.gather(*(one(i, c) for i in range(clients)))
 
-    server = ServerProcess(tiny_checkpoint, url)
+    server = ServerProcess(tiny_checkpoint, url, *args)
 
     async def kill_mid_load():
         task = asyncio.create_task(load(server.url))
-        with Store(url) as store:  # wait until requests hold reservations, then kill
-            deadline = time.monotonic() + 60
-            while len(store.open_reservations(account.id)) < 4 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 120  # every client well past what may go unrecorded, then kill
+        while min(sent) < RECORD_LAG + 16 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         server.kill()
         await task
 
     try:
         server.wait_ready()
         engines = server.children()  # the engine's process (and multiprocessing's resource tracker)
-        assert server.engine_pid() in engines
+        if not args:
+            assert server.engine_pid() in engines
         asyncio.run(kill_mid_load())
     finally:
         if server.proc.poll() is None:
             server.kill()
+    assert min(sent) >= RECORD_LAG + 16 and max(sent) < max_tokens, sent  # killed mid-stream, every one
     deadline = time.monotonic() + 30  # the orphaned engine sees its pipe close and exits
     while any(_running(pid) for pid in engines) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_running(pid) for pid in engines)
     with Store(url) as store:
         hanging = store.open_reservations(account.id)
-        assert hanging  # left hanging by the dead server
-    restarted = ServerProcess(tiny_checkpoint, url)
+        assert len(hanging) == clients  # left hanging by the dead server
+    restarted = ServerProcess(tiny_checkpoint, url, *args)
     try:
         restarted.wait_ready()
         r = httpx.post(restarted.url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3},
@@ -187,13 +202,22 @@ def test_kill_9_under_load_then_restart(tiny_checkpoint, tmp_path):
         assert r.status_code == 200
     finally:
         log = restarted.stop()
-    assert "released" in log
+    assert f"recovered the requests of a server that stopped: {clients} billed" in log, log
+    db = sqlalchemy.create_engine(url)
+    with db.connect() as conn:
+        billed = dict(conn.execute(sqlalchemy.select(usage.c.request_id, usage.c.completion_tokens)
+                                   .where(usage.c.finish_reason == "interrupted")).all())
+    db.dispose()
+    # Each request is billed for what its client was sent, less at most RECORD_LAG tokens not yet
+    # recorded, and never for more than its reservation held.
+    pairs = [(billed.get(rid, 0), n) for rid, n in zip(ids, sent)]
+    assert all(n - RECORD_LAG <= b <= max_tokens for b, n in pairs), pairs
     with Store(url) as store:
         account_now = store.get_account(account.id)
         assert store.open_reservations(account.id) == [] and account_now.reserved == 0
         assert account_now.balance == balance - store.ledger_totals(account.id)["cost"]
-        print(f"killed with {len(hanging)} reservations open; after the restart: 0 open, reserved 0, balance = "
-              f"start - ledger cost ({store.ledger_totals(account.id)})")
+    print(f"{engine}: killed with {len(hanging)} streams open; (billed, sent) tokens per request after the "
+          f"restart: {pairs}; sent - billed at most {max(n - b for b, n in pairs)} (bound {RECORD_LAG})")
 
 
 def _running(pid: int) -> bool:

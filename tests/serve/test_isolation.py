@@ -51,7 +51,8 @@ def test_two_accounts_sending_the_same_request_id_get_their_own_answers(tiny_che
         account_b = store.create_account("other", 10**9).id
         _, secret_b = store.create_key(account_b)
         bodies = [{"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 48,
-                   "do_sample": False, "stream": stream} for content in ("The General Language Model", "通用语言模型")]
+                   "do_sample": False, "stream": stream}
+                  for content in ("The General Language Model", "通用语言模型")]
         secrets = [secret_a, secret_b]
 
         async def scenario():

@@ -16,7 +16,7 @@ import sqlalchemy
 
 from openglm.errors import OpenGLMError
 from openglm.serve.store import (DEMO_BALANCE, DEMO_PRICE, AuthError, DuplicateRequest, InsufficientBalance,
-                                 ModelNotAllowed, RateLimited, Store, cost_of)
+                                 ModelNotAllowed, RateLimited, Recovered, Store, cost_of)
 
 REPO = Path(__file__).resolve().parents[2]
 PRICE = (1_000_000, 2_000_000)  # 1 unit per input token, 2 per output token
@@ -381,13 +381,13 @@ def test_recover_after_kill_9(store, db_url):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        assert store.recover() == 0                     # its owner still runs
+        assert store.recover() == Recovered(0, 0, 0)    # its owner still runs
         assert store.get_account(account.id).reserved == 100
     finally:
         proc.kill()                                     # SIGKILL between reserve and settle
         proc.wait()
-    assert store.recover() == 2
-    assert store.recover() == 0
+    assert store.recover() == Recovered(0, 2, 0)      # nothing recorded as sent: released unbilled
+    assert store.recover() == Recovered(0, 0, 0)
     after = store.get_account(account.id)
     assert (after.balance, after.reserved) == (1_000 - 20, 0)
     assert store.open_reservations() == []
@@ -401,14 +401,41 @@ def test_recover_in_process_and_by_age(store, db_url):
     closed = Store(db_url)
     closed.reserve(key, "m", None, 1, 1, False)
     closed.close()                                      # like a restarted server that got the same pid
-    assert store.recover() == 1
+    assert store.recover().released == 1
     assert store.open_reservations() == [mine]
     with Store(db_url, reservation_ttl=0) as impatient:  # a replica elsewhere: only age tells
-        assert impatient.recover() == 1
+        assert impatient.recover().released == 1
     assert store.open_reservations() == []
     with pytest.raises(OpenGLMError, match="no longer open"):
         store.settle(mine, 1, 1, "stop", 1)
 
+
+
+def test_recover_bills_the_tokens_recorded_as_sent(store, db_url):
+    account, key = _account_and_key(store, 1_000)
+    crashed = Store(db_url)
+    streams = [crashed.reserve(key, "m", f"stream-{i}", 10, 20, True) for i in range(3)]
+    crashed.record_delivered({streams[0].id: 4, streams[1].id: 9})
+    crashed.record_delivered({streams[0].id: 7, streams[1].id: 5})  # counts only grow
+    assert crashed.open_reservations() == streams
+    crashed.close()                                                  # its server died
+    assert store.recover() == Recovered(settled=2, released=1, completion_tokens=7 + 9)
+    assert store.recover() == Recovered(0, 0, 0)
+    after = store.get_account(account.id)
+    cost = cost_of(10, 7, PRICE) + cost_of(10, 9, PRICE)
+    assert (after.balance, after.reserved) == (1_000 - cost, 0)
+    assert store.ledger_totals(account.id) == {"prompt_tokens": 20, "completion_tokens": 16, "cost": cost,
+                                               "requests": 2}
+    engine = sqlalchemy.create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text("SELECT request_id, finish_reason, stream FROM usage ORDER BY request_id"))
+        assert [tuple(r) for r in rows] == [("stream-0", "interrupted", True), ("stream-1", "interrupted", True)]
+    engine.dispose()
+    # A settled request's late record changes nothing; its id stays used.
+    r = store.reserve(key, "m", "late", 1, 5, True)
+    store.settle(r, 1, 5, "length", 1)
+    store.record_delivered({r.id: 3})
+    assert store.recover() == Recovered(0, 0, 0) and store.get_account(account.id).reserved == 0
 
 def test_ensure_demo(db_url):
     with Store(db_url) as store:
@@ -442,6 +469,28 @@ def test_migrations_build_the_declared_schema(db_url):
     engine.dispose()
     assert {"ix_usage_key_started", "ix_usage_account_created"} <= indexes
 
+
+
+def test_an_open_reservation_survives_the_upgrade_to_recorded_tokens(db_url):
+    from alembic import command
+    from alembic.config import Config
+
+    from openglm.serve import store as store_module
+
+    with Store(db_url) as store:  # the newest schema; then back to 0001, with a request in flight there
+        store.set_price("m", *PRICE)
+        account, key = _account_and_key(store, 1_000)
+        store.reserve(key, "m", "in-flight", 10, 20, True)
+    engine = sqlalchemy.create_engine(db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store_module.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    engine.dispose()
+    with Store(db_url) as store:  # upgraded again: the reservation has nothing recorded as sent
+        assert store.recover() == Recovered(0, 1, 0)
+        assert store.get_account(account.id).reserved == 0
 
 def test_bad_urls():
     for url in ("mysql://x/y", "sqlite://", "sqlite:///:memory:", "not a url"):
