@@ -498,14 +498,36 @@ class _Server:
                             for t, lp, top in entries]}
 
     def completion_logprobs(self, entries, start: int) -> dict:
+        """OpenAI's completion ``logprobs`` of (token, logprob, top) entries, text offsets from ``start``;
+        an echoed prompt's first token has logprob and top None (nothing predicts it)."""
         tokens, offsets, offset = [], [], start
         for t, _, _ in entries:
             tokens.append(self.token_text(t))
             offsets.append(offset)
             offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{self.token_text(a): alp for a, alp in top} for _, _, top in entries],
+                "top_logprobs": [None if top is None else {self.token_text(a): alp for a, alp in top}
+                                 for _, _, top in entries],
                 "text_offset": offsets}
+
+    def check_vocab(self, batch: list[list[int]], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        for ids in batch:
+            if ids and max(ids) >= vocab:
+                raise APIError(400, f"token id {max(ids)} is outside the vocabulary ({vocab})", param=param)
+
+    async def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[tuple]]:
+        """Each prompt's (token, logprob, top ``k``) entries from a forward over it on the engine (unbilled:
+        the caller bills the prompt)."""
+        from .engine import EngineFull
+
+        engine = self.ready()
+        try:
+            entries, _ = await engine.run_exclusive(_prompt_logprobs, engine.model, prompts, k)
+        except EngineFull as e:
+            raise APIError(503, f"the server is overloaded: {e}", "server_error", "overloaded",
+                           headers={"retry-after": "1"}) from None
+        return entries
 
 
 def _check_chat_size(messages: list[dict], tools: list[dict] | None) -> None:
@@ -732,37 +754,89 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
 
     @app.post("/v1/completions", response_model=S.Completion, responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(request: Request, body: S.CompletionRequest, key=auth):
-        """OpenAI (legacy) text completions of a prompt or a list of prompts."""
+        """OpenAI (legacy) text completions of a prompt or a list of prompts (texts or token ids).
+
+        ``echo`` returns each prompt before its completion; with ``logprobs`` too, the prompt tokens'
+        logprobs come first (from a forward over the prompt), so ``echo`` + ``logprobs`` + ``max_tokens: 0``
+        scores a text: what log-likelihood evaluation (lm-evaluation-harness) asks for.
+        """
         arrived = time.monotonic()
         srv.check_model(body.model)
         srv.ready()
-        prompts = [srv.tokenizer.encode(p) for p in body.prompts]
+        prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts]
         if not all(prompts):
             raise APIError(400, "every prompt needs at least one token", param="prompt")
+        srv.check_vocab(prompts, "prompt")
         max_new = min(srv.budget(len(p), body.max_tokens) for p in prompts)
-        params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
-                                seed=body.seed, stop_strings=body.stop_strings)
         count = len(prompts) * body.n
-        job, headers = await srv.start_job(key, prompts, body.n, params, body.logprobs, None, body.stream, arrived)
-        cid, created = f"cmpl-{job.reservation.request_id}", int(time.time())
+        echoed = [(p if isinstance(p, str) else srv.tokenizer.decode(ids)) if body.echo else ""
+                  for p, ids in zip(body.prompts, prompts)]
+        scored = body.echo and body.logprobs is not None
+        prefixes: list[list[tuple]] = [[] for _ in prompts]  # each prompt's scored tokens, when echoed with logprobs
+        created = int(time.time())
 
-        if not body.stream:
-            choices = await srv.collect(request, job, count)
-            out = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": srv.completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None}
-                   for i, c in enumerate(choices)]
-            return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
-                                 "choices": out, "usage": job.usage.model_dump()}, headers=headers)
+        def logprobs(p: int, entries: list[tuple]) -> dict | None:
+            """A choice of prompt ``p``: its echoed prompt's logprobs, then those of ``entries`` (generated)."""
+            if body.logprobs is None:
+                return None
+            head, tail = srv.completion_logprobs(prefixes[p], 0), srv.completion_logprobs(entries, len(echoed[p]))
+            return {k: head[k] + tail[k] for k in head}
 
-        def chunk(choices: list[dict], usage=None) -> str:
+        def chunk(cid: str, choices: list[dict], usage=None) -> str:
             data = {"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
                     "choices": choices}
             if usage is not None:
                 data["usage"] = usage
             return _sse(data)
 
+        if max_new == 0:  # nothing to generate: the prompts (scored if asked), billed as prompt tokens
+            entries, usage, rid = await exclusive(key, sum(map(len, prompts)), 0, None, _prompt_logprobs,
+                                                  srv.engine.model, prompts if scored else [], body.logprobs or 0)
+            headers = await srv.rate_limit_headers(key)
+            if scored:
+                prefixes = entries
+            out = [{"index": i, "text": echoed[i // body.n], "finish_reason": "length",
+                    "logprobs": logprobs(i // body.n, [])} for i in range(count)]
+            if not body.stream:
+                return JSONResponse({"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
+                                     "model": srv.model_name, "choices": out, "usage": usage.model_dump()},
+                                    headers=headers)
+
+            def replay():
+                for choice in out:
+                    yield chunk(f"cmpl-{rid}", [choice])
+                if body.include_usage:
+                    yield chunk(f"cmpl-{rid}", [], usage.model_dump())
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(replay(), media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+
+        params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, stop_strings=body.stop_strings)
+        job, headers = await srv.start_job(key, prompts, body.n, params, body.logprobs, None, body.stream, arrived)
+        cid = f"cmpl-{job.reservation.request_id}"
+        if scored:  # the prompts are billed by the job; scoring them is a forward of its own
+            try:
+                prefixes = await srv.prompt_logprobs(prompts, body.logprobs)
+            except BaseException:
+                job.stop()
+                raise
+
+        if not body.stream:
+            choices = await srv.collect(request, job, count)
+            out = [{"index": i, "text": echoed[i // body.n] + c.text, "finish_reason": c.finish_reason,
+                    "logprobs": logprobs(i // body.n, c.logprobs)} for i, c in enumerate(choices)]
+            return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
+                                 "choices": out, "usage": job.usage.model_dump()}, headers=headers)
+
         async def events():
-            offsets = [0] * count
+            offsets = [len(echoed[i // body.n]) for i in range(count)]
+            if body.echo:
+                for i in range(count):
+                    p = i // body.n
+                    yield chunk(cid, [{"index": i, "text": echoed[p], "logprobs": logprobs(p, []),
+                                       "finish_reason": None}])
             try:
                 async for i, event in job:
                     lp = None
@@ -772,12 +846,12 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
                     offsets[i] += len(event.text)
                     reason = _FINISH.get(event.finish_reason, event.finish_reason)
                     if event.text or lp or reason:
-                        yield chunk([{"index": i, "text": event.text, "logprobs": lp, "finish_reason": reason}])
+                        yield chunk(cid, [{"index": i, "text": event.text, "logprobs": lp, "finish_reason": reason}])
             except APIError as e:
                 yield _sse(_error_body(request.url.path, e))
                 return
             if body.include_usage:
-                yield chunk([], job.usage.model_dump())
+                yield chunk(cid, [], job.usage.model_dump())
             yield "data: [DONE]\n\n"
 
         return _SSEResponse(job, events(), headers)
@@ -818,15 +892,13 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         if inputs and isinstance(inputs[0], int):
             inputs = [inputs]
         batch = [srv.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
-        vocab = srv.tokenizer.vocab_size
+        srv.check_vocab(batch, "input")
         for ids in batch:
             if not ids:
                 raise APIError(400, "every input needs at least one token", param="input")
             if len(ids) > srv.max_seq_len():
                 raise APIError(400, f"an input has {len(ids)} tokens, more than the model's context of "
                                f"{srv.max_seq_len()}", code="context_length_exceeded", param="input")
-            if max(ids) >= vocab:
-                raise APIError(400, f"token id {max(ids)} is outside the vocabulary ({vocab})", param="input")
         vectors, usage, _ = await exclusive(key, sum(map(len, batch)), 0, None, _embed, srv.engine.model, batch)
         data = []
         for i, v in enumerate(vectors):
@@ -957,6 +1029,33 @@ def _embed(model, batch: list[list[int]]):
         pooled = [model.hidden_states(torch.tensor([ids], device=device))[0].float().mean(0) for ids in batch]  # (C,)
         vectors = torch.nn.functional.normalize(torch.stack(pooled), dim=-1)  # (len(batch), C)
     return vectors.cpu().numpy(), 0
+
+
+SCORE_ROWS = 128  # positions per output-layer product when scoring a prompt: bounds the [rows, vocab] logits
+
+
+def _prompt_logprobs(model, batch: list[list[int]], k: int):
+    """Each prompt token's logprob given the tokens before it, and the ``k`` most likely tokens at its
+    position, from one forward over the prompt: per prompt a list of (token, logprob, [(token, logprob)]),
+    the first token's logprob and alternatives None (nothing predicts it). Returns (that, 0 generated tokens)."""
+    import torch
+
+    device = model.lm_head.weight.device
+    out = []
+    with torch.inference_mode():
+        for ids in batch:
+            h = model.hidden_states(torch.tensor([ids], device=device))[0]  # (T, C)
+            targets = torch.tensor(ids[1:], device=device)  # (T-1,): what positions 0..T-2 predict
+            entries = [(ids[0], None, None)]
+            for start in range(0, len(ids) - 1, SCORE_ROWS):
+                rows = slice(start, min(start + SCORE_ROWS, len(ids) - 1))
+                logprobs = model.lm_head(h[rows]).float().log_softmax(-1)  # (R, V)
+                chosen = logprobs.gather(1, targets[rows, None])[:, 0].tolist()
+                top = logprobs.topk(k, dim=-1)
+                alternatives = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+                entries += zip(ids[rows.start + 1 : rows.stop + 1], chosen, alternatives)
+            out.append(entries)
+    return out, 0
 
 
 class _SpanRecorder:

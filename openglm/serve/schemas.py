@@ -27,6 +27,9 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+_TokenId = Annotated[int, Field(ge=0, lt=MAX_LIMIT)]
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -136,18 +139,29 @@ class ZhipuChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: ``prompt`` is a string or a list of strings (one batch)."""
+    """``POST /v1/completions``: ``prompt`` is a string, a list of token ids, or a list of either (one batch).
+
+    ``echo`` puts the prompt before each completion, and with ``logprobs`` the prompt tokens' logprobs
+    before the completion's (the first token's is null); ``max_tokens: 0`` generates nothing, so that
+    ``echo`` with ``logprobs`` scores a text (log-likelihood evaluation).
+    """
 
     model: str
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=64)]
+             | Annotated[list[_TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)])
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    max_tokens: Annotated[int, Field(ge=1, lt=MAX_LIMIT)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0, lt=MAX_LIMIT)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
     user: str | None = None
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class EmbeddingRequest(_Request):
@@ -228,8 +242,8 @@ class ChatCompletion(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo, which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
