@@ -133,16 +133,15 @@ def hf_pieces(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_moe_safetensors(files: list[Path], expected: dict[str, torch.Size], num_layers: int,
-                         dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
+                         dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Read a ``glm4_moe`` checkpoint into our layout, each HF piece copied into its stacked tensor as it
     is read (so the experts are never held twice). The router stays float32; tensors of layers past
     ``num_layers`` (the published multi-token-prediction layer) are skipped, as ``transformers`` does.
     """
-    state, metadata, filled = {}, {}, {}
+    state, filled = {}, {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
-                metadata = metadata or (sf.metadata() or {})
                 for name in sf.keys():
                     layer = _LAYER.match(name)
                     if layer and int(layer[1]) >= num_layers:
@@ -174,7 +173,7 @@ def read_moe_safetensors(files: list[Path], expected: dict[str, torch.Size], num
         want = len(pieces) * (expected[ours][0] if "{e}" in pieces[0][0] else 1)
         if len(got) != want:
             raise OpenGLMError(f"checkpoint lacks {want - len(got)} of the {want} pieces of {ours} (per-expert or gate/up tensors)")
-    return state, metadata
+    return state
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -211,24 +210,31 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu", dty
     if dtype is None:
         dtype = _recorded_dtype(directory)
     files = weight_files(directory)
-    if config.num_experts:
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in GLMForCausalLM(config).state_dict().items()}
-        state, metadata = read_moe_safetensors(files, expected, config.num_layers, dtype)
-    else:
-        state, metadata = read_safetensors(files, dtype)
-    scheme = QuantScheme.from_metadata(metadata)
+    scheme = QuantScheme.from_metadata(_metadata(files[0]))
     if scheme is not None and torch.device(device).type != "cpu":
         raise OpenGLMError(f"{directory} is quantized ({scheme.label}); quantized models run on the CPU only")
     with torch.device("meta"):
         model = GLMForCausalLM(config)
         if scheme is not None:  # quantized modules to load the stored integer weights into
             build_quantized(model, scheme)
+    if config.num_experts:
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = read_moe_safetensors(files, expected, config.num_layers, dtype)
+    else:
+        state, _ = read_safetensors(files, dtype)
     check_state_dict(model, state, directory)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device).eval()
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(file), framework="pt") as sf:
+            return sf.metadata() or {}
+    except (OSError, SafetensorError) as e:  # truncated or foreign files
+        raise OpenGLMError(f"cannot read {file}: {e}") from None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -270,9 +276,9 @@ def save_model(model: GLMForCausalLM, directory: str | Path, tokenizer=None, gen
     model_dtype = next(n for n, d in _DTYPES.items() if d == model.model.norm.weight.dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    if config.num_experts:  # the published per-expert layout, which transformers and llama.cpp read
-        state = {k: v.contiguous() for k, v in hf_pieces(state).items()}
     scheme = getattr(model, "quantization", None)
+    if config.num_experts and scheme is None:  # the published per-expert layout, which transformers reads
+        state = {k: v.contiguous() for k, v in hf_pieces(state).items()}
     meta = {"format": "pt", **(scheme.to_metadata() if scheme else {}), **(metadata or {})}
 
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))

@@ -212,10 +212,14 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # slots grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
         token = order // k  # (N*k,) the token of each grouped slot
-        gate, up = expert_products(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, I) each
-        y = expert_products(up * F.silu(gate), self.down_proj, counts)  # (N*k, C)
+        gate, up = self.products(x[token], "gate_up_proj", counts).chunk(2, dim=-1)  # (N*k, I) each
+        y = self.products(up * F.silu(gate), "down_proj", counts)  # (N*k, C)
         y = (y * weights.flatten()[order, None]).to(x.dtype)  # float32 weights, as transformers multiplies
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def products(self, x: torch.Tensor, projection: str, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` grouped by expert times each expert's ``projection`` (quantized experts override this)."""
+        return expert_products(x, getattr(self, projection), counts)
 
 
 class MoE(nn.Module):

@@ -1,7 +1,8 @@
 """Weight-only quantization of a whole model, and the scheme record saved with a quantized checkpoint.
 
 ``quantize_model`` swaps ``nn.Linear`` / ``nn.Embedding`` modules for ``QuantLinear`` /
-``QuantEmbedding`` in place. The scheme travels in the safetensors metadata under
+``QuantEmbedding`` in place, and a MoE model's routed ``Experts`` for ``QuantExperts`` (its routers
+stay in full precision). The scheme travels in the safetensors metadata under
 ``QUANT_METADATA_KEY`` (a JSON object, see ``QuantScheme``), so a loader never guesses it from a
 file name; ``build_quantized`` recreates the same modules on an empty (meta) model before loading.
 """
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from ..errors import OpenGLMError
+from ..model.glm import Experts
+from .experts import QuantExperts
 from .linear import QuantEmbedding, QuantLinear
 
 QUANT_METADATA_KEY = "openglm_quantization"
@@ -68,12 +71,15 @@ def _check(scheme: str, group_size: int | None) -> None:
 
 
 def quantizable_modules(model: nn.Module, include_embeddings: bool, include_lm_head: bool) -> list[str]:
-    """Names of the modules to quantize: every linear layer of the decoder, optionally the output
-    layer and the token embeddings. Tied embeddings stay in full precision (one tensor serves both)."""
+    """Names of the modules to quantize: every linear layer of the decoder and the routed experts of
+    MoE layers, optionally the output layer and the token embeddings. Tied embeddings stay in full
+    precision (one tensor serves both)."""
     tied = model.config.tie_word_embeddings
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (name != "lm_head" or (include_lm_head and not tied)):
+        if isinstance(module, Experts):
+            names.append(name)
+        elif isinstance(module, nn.Linear) and (name != "lm_head" or (include_lm_head and not tied)):
             names.append(name)
         elif isinstance(module, nn.Embedding) and include_embeddings and not tied:
             names.append(name)
@@ -100,6 +106,8 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
             new = QuantEmbedding.from_embedding(module, bits, group_size, symmetric)
+        elif isinstance(module, Experts):
+            new = QuantExperts.from_experts(module, bits, group_size, symmetric)
         else:
             new = QuantLinear.from_linear(module, bits, group_size, symmetric)
         model.set_submodule(name, new)
@@ -117,6 +125,9 @@ def build_quantized(model: nn.Module, scheme: QuantScheme) -> nn.Module:
         if isinstance(module, nn.Embedding):
             new = QuantEmbedding(module.num_embeddings, module.embedding_dim, scheme.bits, scheme.group_size,
                                  scheme.symmetric, module.weight.dtype)
+        elif isinstance(module, Experts):
+            E, twice_I, C = module.gate_up_proj.shape
+            new = QuantExperts(E, C, twice_I // 2, scheme.bits, scheme.group_size, scheme.symmetric)
         else:
             new = QuantLinear(module.in_features, module.out_features, module.bias is not None, scheme.bits,
                               scheme.group_size, scheme.symmetric, module.weight.dtype)
