@@ -378,7 +378,26 @@ def _init_worker(tokenizer_dir: Path) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C is the parent's to handle: it shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as the parent process is gone, however it ended (SIGKILL included):
+    a watcher thread waits on the parent's sentinel, which becomes ready when the parent exits."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _encode_in_worker(texts: list[str]):
@@ -423,7 +442,16 @@ def register(subparsers) -> None:
     register_instruct(verbs)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _prepare_command(args: argparse.Namespace) -> int:
+    import signal
+
+    # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C: the pool is shut down, its workers end,
+    # and the manifest keeps the shards finished so far for the next run to resume from.
+    signal.signal(signal.SIGTERM, _interrupt)
     result = prepare(
         args.input,
         args.tokenizer,

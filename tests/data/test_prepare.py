@@ -223,3 +223,60 @@ def test_shards_refuse_incomplete_or_corrupt(tmp_path, tok_dir):
     bin_path.write_bytes(bin_path.read_bytes()[:-4])
     with pytest.raises(OpenGLMError, match="00001.bin is missing or has the wrong size"):
         TokenShards(tmp_path / "out")
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_end_with_their_parent(tmp_path, tok_dir, sig):
+    path = write_jsonl(tmp_path / "c.jsonl", docs(3000) * 60)
+    env = dict(os.environ, PYTHONPATH=str(Path(openglm.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "openglm", "data", "prepare", "--input", str(path), "--tokenizer",
+                             str(tok_dir), "--workers", "2", "-o", str(tmp_path / "out")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    workers = []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        # spawn's resource tracker is a child too; the workers are the ones running the pool
+        workers = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        time.sleep(0.05)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(1.0)  # let them take work
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=60)  # workers left alive would hold stderr open
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "Traceback" not in err, err
+    deadline = time.monotonic() + 20
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), "workers outlived their parent"
