@@ -45,6 +45,10 @@ class TokenShards:
         self.num_documents = int(self._first[-1])
         self.num_tokens: int = state["tokens"]
 
+    def max_token_id(self) -> int:
+        """The largest token id in the split (-1 when it has none)."""
+        return max((int(t.max()) for t in self._tokens if len(t)), default=-1)
+
     def __len__(self) -> int:
         """Number of tokens."""
         return self.num_tokens

@@ -38,12 +38,17 @@ from ..errors import OpenGLMError
 from . import checkpointing
 from .finetune_cli import FinetuneSettings
 from .loop import (
+    Precision,
     PretrainLoss,
+    ValidationTracker,
     _batch_inputs,
     _full_state,
-    _Metrics,
-    _run_settings,
+    _write_run_json,
     build_optimizer,
+    check_resume_settings,
+    check_run_settings,
+    cleanup_on_failure,
+    open_metrics,
     resume,
     run_steps,
 )
@@ -65,7 +70,8 @@ class FinetuneResult:
     loss: float | None  # of the last step run
     val_loss: float | None  # of the last evaluation
     interrupted: bool
-    skipped: int  # training conversations longer than seq_len, left out
+    skipped: int  # training conversations left out (too long, or nothing to train on)
+    truncated: int  # training conversations cut to seq_len
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -93,12 +99,30 @@ def read_conversations(path: str | Path) -> list[dict]:
     return conversations
 
 
-def tokenize_conversation(tok, conversation: dict, template: str | None = None) -> GLMSample:
+def tokenize_conversation(tok, conversation: dict, template: str | None = None, max_len: int | None = None,
+                          truncate: str | None = None) -> GLMSample:
     """One conversation as a causal ``GLMSample``: ``targets[t]`` is token ``t + 1`` where the chat
-    loss mask marks it (assistant text and its end-of-turn token), else ``IGNORE_INDEX``."""
+    loss mask marks it (assistant text and its end-of-turn token), else ``IGNORE_INDEX``.
+
+    A conversation longer than ``max_len`` tokens is cut to fit when ``truncate`` says how:
+    ``"right"`` keeps its beginning; ``"left"`` keeps the opening (``[gMASK]<sop>``, the system turn
+    and tool declarations) and the latest tokens, dropping the oldest turns in between.
+    """
     from ..data.chat import render_chat
 
-    ids, loss_mask = render_chat(tok, conversation["messages"], tools=conversation.get("tools"), template=template)
+    messages, tools = conversation["messages"], conversation.get("tools")
+    ids, loss_mask = render_chat(tok, messages, tools=tools, template=template)
+    if max_len is not None and truncate and len(ids) > max_len:
+        if truncate == "right":
+            ids, loss_mask = ids[:max_len], loss_mask[:max_len]
+        else:
+            system = 0
+            while system < len(messages) and messages[system].get("role") == "system":
+                system += 1
+            opening = render_chat(tok, messages[:system], tools=tools, template=template)[0]
+            keep = len(opening) if ids[: len(opening)] == opening and len(opening) < max_len else 0
+            ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
+            loss_mask = loss_mask[:keep] + loss_mask[len(loss_mask) - (max_len - keep):]
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(loss_mask, dtype=bool)
     targets = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
@@ -107,19 +131,31 @@ def tokenize_conversation(tok, conversation: dict, template: str | None = None) 
     return GLMSample(ids, position_ids, targets, prefix_len=0)
 
 
-def tokenize_file(path: str | Path, tok, template: str, seq_len: int, progress: bool) -> tuple[list[GLMSample], int]:
-    """The conversations of ``path`` that fit ``seq_len`` tokens and train on something, and how many did not."""
+@dataclass
+class TokenizedFile:
+    samples: list[GLMSample]  # the conversations that train on something, each at most seq_len tokens
+    skipped: int  # left out: too long (without truncate) or nothing to train on (after truncation too)
+    truncated: int  # cut to seq_len tokens
+
+
+def tokenize_file(path: str | Path, tok, template: str, seq_len: int, progress: bool,
+                  truncate: str | None = None) -> TokenizedFile:
+    """The conversations of ``path`` as samples of at most ``seq_len`` tokens (see ``tokenize_conversation``)."""
     from tqdm import tqdm
 
-    samples, skipped = [], 0
+    out = TokenizedFile([], 0, 0)
     for conversation in tqdm(read_conversations(path), desc=f"tokenizing {Path(path).name}", unit=" conv",
                              disable=not progress, mininterval=1.0):
         sample = tokenize_conversation(tok, conversation, template)
+        cut = len(sample) > seq_len and truncate is not None
+        if cut:
+            sample = tokenize_conversation(tok, conversation, template, seq_len, truncate)
         if len(sample) > seq_len or not (sample.targets != IGNORE_INDEX).any():
-            skipped += 1
+            out.skipped += 1
         else:
-            samples.append(sample)
-    return samples, skipped
+            out.samples.append(sample)
+            out.truncated += cut
+    return out
 
 
 class ChatBatches:
@@ -280,7 +316,7 @@ def export_chat_model(lm, directory: Path, tok, base_dir: Path, template: str | 
 
 def finetune(s: FinetuneSettings) -> FinetuneResult:
     """Fine-tune (or, with ``s.resume``, continue) a run; see the module docstring for what it writes."""
-    world = init_distributed()
+    world = init_distributed(s.device)
     try:
         return _finetune(s, world)
     finally:
@@ -289,12 +325,11 @@ def finetune(s: FinetuneSettings) -> FinetuneResult:
 
 
 def _check_settings(s: FinetuneSettings, world: Distributed) -> None:
-    if s.steps < 1 or s.batch_size < 1 or s.grad_accum < 1 or s.seq_len < 8:
-        raise OpenGLMError("steps, batch size and grad accum must be >= 1 and seq len >= 8")
-    if s.batch_size % world.world_size:
-        raise OpenGLMError(f"batch size {s.batch_size} must be a multiple of the {world.world_size} processes")
-    if min(s.eval_every, s.save_every, s.eval_batches) < 0 or s.log_every < 1:
-        raise OpenGLMError("--eval-every, --save-every and --eval-batches must be >= 0, --log-every >= 1")
+    check_run_settings(s, world)
+    if s.eval_batches < 0:
+        raise OpenGLMError("--eval-batches must be >= 0")
+    if s.truncate not in (None, "left", "right"):
+        raise OpenGLMError(f"--truncate takes left or right, got {s.truncate!r}")
     if s.lora and (s.lora_r < 1 or not 0.0 <= s.lora_dropout < 1.0):
         raise OpenGLMError("--lora-r must be >= 1 and --lora-dropout in [0, 1)")
 
@@ -302,7 +337,7 @@ def _check_settings(s: FinetuneSettings, world: Distributed) -> None:
 def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     from ..data.chat import chat_template_of
     from ..data.tokenizer import load_tokenizer
-    from ..model.checkpoint import checkpoint_dir, load_model
+    from ..model.checkpoint import checkpoint_dir
 
     _check_settings(s, world)
     if s.threads:
@@ -315,14 +350,29 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     tok = load_tokenizer(base_dir)
     template = chat_template_of(base_dir)
     show = s.progress and world.is_main
-    train_samples, skipped = tokenize_file(s.data, tok, template, s.seq_len, show)
-    if skipped and world.is_main:
-        print(f"warning: {skipped} training conversations longer than {s.seq_len} tokens (or with no assistant "
-              f"turn) are left out", file=sys.stderr)
-    val_samples = tokenize_file(s.val, tok, template, s.seq_len, show)[0] if s.val else []
+    train_file = tokenize_file(s.data, tok, template, s.seq_len, show, s.truncate)
+    if world.is_main:
+        print(f"{s.data}: {len(train_file.samples)} conversations, {train_file.truncated} truncated "
+              f"({s.truncate or 'off'}), {train_file.skipped} left out (longer than {s.seq_len} tokens"
+              f"{'' if s.truncate else ': use --truncate left|right to keep them'}, or no assistant turn)",
+              file=sys.stderr)
+    val_samples = tokenize_file(s.val, tok, template, s.seq_len, show, s.truncate).samples if s.val else []
+    if (s.keep_best or s.early_stop) and not val_samples:
+        raise OpenGLMError("--keep-best and --early-stop need held-out conversations (--val)")
+    loaded = checkpointing.load_checkpoint(found) if found is not None else None
+    run_record = check_resume_settings(s, run_dir, loaded[2]["step"] if loaded else None, fixed=RESUME_FIXED)
+    existed = run_dir.exists()
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _run_settings(s, run_dir, resuming=found is not None, fixed=RESUME_FIXED)
+        checkpointing.remove_stale_temporaries(run_dir)
+    with cleanup_on_failure(run_dir, world, fresh=found is None, existed=existed):
+        if world.is_main:
+            _write_run_json(run_dir, run_record)
+        return _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples)
+
+
+def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples) -> FinetuneResult:
+    from ..model.checkpoint import load_model
 
     random.seed(s.seed)
     np.random.seed(s.seed)
@@ -337,26 +387,34 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
+    precision = Precision(s, world.device)
 
     pad_id = tok.token_id("<|endoftext|>")
-    loader = ChatBatches(train_samples, s.seq_len, pad_id, seed=s.seed)
-    step = resume(found, module, optimizer, loader, strict=not s.lora) if found is not None else 0
+    loader = ChatBatches(train_file.samples, s.seq_len, pad_id, seed=s.seed)
+    state = resume(found, loaded, module, optimizer, loader, strict=not s.lora) if found is not None else {"step": 0}
+    step = state["step"]
+    precision.load_state_dict(state.get("scaler"))
+    validation = ValidationTracker(state.get("validation"))
     two_d = config.position_encoding_2d
-    autocast = lambda: torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16)  # noqa: E731
     val_batches = _validation_batches(val_samples, s, pad_id, world, two_d) if val_samples else None
-    metrics = _Metrics(run_dir / "metrics.jsonl", world.is_main, step if found is not None else None)
+    metrics = open_metrics(s, run_dir, world, step if found is not None else None)
 
     def save(step):
         model_state, optimizer_state = _full_state(module, optimizer)
         if s.lora:  # the frozen base is in the base checkpoint already
             model_state = {k: v for k, v in model_state.items() if "lora_" in k}
         if world.is_main:
-            state = {"step": step, "rng": checkpointing.rng_state(), "data": loader.state_dict(),
+            state = {"step": step, "val_loss": validation.at(step), "validation": validation.state_dict(),
+                     "scaler": precision.state_dict(), "rng": checkpointing.rng_state(), "data": loader.state_dict(),
                      "settings": dataclasses.asdict(s)}
-            checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous)
+            checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous,
+                                          keep=s.keep, keep_best=s.keep_best)
             if s.lora:
+                # From the gathered full state, not the module's own parameters: under FSDP those are
+                # shards whose storage peft cannot read. Names as peft's own state dict gives them.
+                adapters = {"base_model.model." + k.removeprefix("lm."): v for k, v in model_state.items()}
                 # no embedding check: peft would look the base up as a transformers model or on the Hub
-                peft_model.save_pretrained(str(run_dir / ADAPTER), save_embedding_layers=False)
+                peft_model.save_pretrained(str(run_dir / ADAPTER), state_dict=adapters, save_embedding_layers=False)
             else:
                 _export_full(config, model_state, run_dir / MODEL, tok, base_dir, template)
 
@@ -369,19 +427,25 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
                 f"{targets_per_s:,.0f} target tokens/s")
 
     # The held-out loss before any step is the starting point to compare against.
-    step, loss, val_loss, interrupted = run_steps(
-        s, step, module, optimizer, loader, world, two_d, autocast, min_lr, val_batches, metrics, save, describe,
-        show=show, eval_first=found is None)
+    finished = False
+    try:
+        step, loss, val_loss, interrupted = run_steps(
+            s, step, module, optimizer, loader, world, two_d, precision, min_lr, val_batches, metrics, save,
+            describe, show=s.progress and world.is_main, validation=validation, eval_first=found is None)
+        finished = step >= s.steps
+    finally:
+        metrics.close(finished)
+    early = not interrupted and s.early_stop and validation.since_best >= s.early_stop
     if world.is_main:
-        if step < s.steps:
+        if step < s.steps and not early:
             print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "
                   f"continue with --resume", file=sys.stderr)
         else:
             if s.lora and s.merge:
                 merge_adapter(run_dir / ADAPTER, run_dir / MODEL)
             where = run_dir / (MODEL if not s.lora or s.merge else ADAPTER)
-            print(f"fine-tuned {step} steps; saved in {where}", file=sys.stderr)
-    return FinetuneResult(step, loss, val_loss, interrupted, skipped)
+            print(f"fine-tuned {step} steps{' (stopped early)' if early else ''}; saved in {where}", file=sys.stderr)
+    return FinetuneResult(step, loss, val_loss, interrupted, train_file.skipped, train_file.truncated)
 
 
 def _export_full(config, model_state: dict, directory: Path, tok, base_dir: Path, template: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from .cli import add_optimizer_options, settings_option
+from .cli import add_optimizer_options, add_run_options, settings_option
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
 
@@ -18,7 +18,8 @@ Fine-tune MODEL (a checkpoint directory or a bundled name such as glm-tiny) on c
 OpenAI chat format: one {"messages": [...], "tools": [...]?} object a line, roles system / user /
 assistant (with tool_calls) / tool. Conversations are rendered with the model's chat template; only
 the assistant's tokens and the token ending each assistant turn are trained on. Several
-conversations share a row (--seq-len tokens) without seeing each other; longer ones are skipped.
+conversations share a row (--seq-len tokens) without seeing each other; longer ones are skipped
+or, with --truncate left|right, cut to fit (the counts are printed).
 
 Writes into RUN_DIR: run.json, metrics.jsonl, checkpoint/ (continue with --resume; Ctrl-C saves one
 and stops), and model/: a plain checkpoint (weights, tokenizer, chat template, generation config
@@ -48,6 +49,8 @@ class FinetuneSettings:
     weight_decay: float = 0.0
     clip: float = 1.0
     bf16: bool = False
+    fp16: bool = False
+    device: str | None = None
     grad_checkpointing: bool = False
     lora: bool = False
     lora_r: int = 8
@@ -59,6 +62,11 @@ class FinetuneSettings:
     eval_batches: int = 0  # 0: the whole validation set
     save_every: int = 200  # 0: save at the end only
     keep_previous: bool = False
+    keep: int = 1
+    keep_best: bool = False
+    early_stop: int = 0
+    log_to: str | None = None
+    truncate: str | None = None  # "left" or "right": cut conversations longer than seq_len instead of leaving them out
     log_every: int = 10
     resume: bool = False
     stop_after: int | None = None
@@ -83,7 +91,9 @@ def register(subparsers) -> None:
     p.add_argument("--val", metavar="VAL.jsonl", help="held-out conversations for the validation loss")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (merge: output checkpoint)")
     add_optimizer_options(p, option, rows="packed rows")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay fp32)")
+    add_run_options(p, option)
+    option("--truncate", "cut conversations longer than --seq-len from the left (oldest turns, keeping the system "
+                         "turn) or the right, instead of leaving them out", choices=["left", "right"])
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--lora", action="store_true", help="train low-rank adapters only (peft), base weights frozen")
     option("--lora-r", "adapter rank", type=int)

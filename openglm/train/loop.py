@@ -1,12 +1,16 @@
 """The GLM pretraining loop: AdamW, warmup + cosine schedule, accumulation, clipping, exact resume.
 
-``pretrain(PretrainSettings(...))`` trains a model from the config registry on token shards written
-by ``openglm data prepare`` and writes into the run directory::
+``pretrain(PretrainSettings(...))`` trains a model (a new one from a config, or existing weights with
+``init``) on token shards written by ``openglm data prepare`` and writes into the run directory::
 
-    run.json          the settings of the run
+    run.json          the settings of the run, and under "history" what earlier invocations changed
     metrics.jsonl     one line per logged step (loss, lr, grad norm, tokens/s) and per evaluation
     checkpoint/       everything to continue exactly (see ``openglm.train.checkpointing``)
+    checkpoint-STEP/  older checkpoints kept by ``keep`` / ``keep_best``
     model/            the latest weights in the Hugging Face layout, with the tokenizer
+
+A run that fails before its first checkpoint removes what it wrote; temporary files left by a killed
+run are removed when the next one starts, and a new run never appends to an old run's metrics.
 
 The loss is the cross-entropy over the target tokens of a whole optimizer step (all micro-batches,
 all ranks) divided by their number. The same code runs under ``torchrun`` for DDP or FSDP2.
@@ -14,11 +18,13 @@ all ranks) divided by their number. The same code runs under ``torchrun`` for DD
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -32,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..data.objective import IGNORE_INDEX, SpecialIds
+from ..data.objective import IGNORE_INDEX, SpecialIds, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
 from .data import PackedBatches, parse_objective, sentence_end_ids
@@ -49,7 +55,10 @@ from .parallel import (
 from .settings import PretrainSettings
 
 # Settings that fix the model and the data stream: a resumed run must keep them.
-RESUME_FIXED = ("config", "seq_len", "batch_size", "grad_accum", "seed", "objective", "mask_ratio", "append_eos")
+RESUME_FIXED = ("config", "init", "overrides", "seq_len", "batch_size", "grad_accum", "seed", "objective",
+                "mask_ratio", "append_eos")
+# Settings that only say how this invocation runs: changing them on --resume is not worth a note.
+RESUME_QUIET = ("resume", "stop_after", "threads", "progress", "log_every", "compile", "device", "log_to", "tokenizer")
 
 
 @dataclass
@@ -127,11 +136,39 @@ def _load_data(s: PretrainSettings):
     return train, val, tok
 
 
-def _check_settings(s: PretrainSettings, world: Distributed) -> None:
+def check_run_settings(s, world: Distributed) -> None:
+    """The checks pretraining and fine-tuning share, made before any work: numbers in range,
+    trackers installed, the run directory writable."""
+    from ..utils import check_writable
+    from .tracking import parse_trackers
+
     if s.steps < 1 or s.batch_size < 1 or s.grad_accum < 1 or s.seq_len < 8:
         raise OpenGLMError("steps, batch size and grad accum must be >= 1 and seq len >= 8")
     if s.batch_size % world.world_size:
         raise OpenGLMError(f"batch size {s.batch_size} must be a multiple of the {world.world_size} processes")
+    if not 0 <= s.warmup <= s.steps:
+        raise OpenGLMError(f"--warmup {s.warmup} must be between 0 and --steps {s.steps}")
+    if not s.lr > 0:
+        raise OpenGLMError(f"--lr must be positive, got {s.lr}")
+    if s.min_lr is not None and not 0 <= s.min_lr <= s.lr:
+        raise OpenGLMError(f"--min-lr {s.min_lr} must be between 0 and --lr {s.lr}")
+    if not s.clip >= 0:
+        raise OpenGLMError(f"--clip must be >= 0 (0 for no clipping), got {s.clip}")
+    if min(s.eval_every, s.save_every) < 0 or s.log_every < 1:
+        raise OpenGLMError("--eval-every and --save-every must be >= 0, --log-every >= 1")
+    if s.keep < 1 or s.early_stop < 0:
+        raise OpenGLMError("--keep must be >= 1 and --early-stop >= 0")
+    if s.bf16 and s.fp16:
+        raise OpenGLMError("choose one of --bf16 and --fp16")
+    parse_trackers(s.log_to)
+    if world.is_main:
+        check_writable(s.out)
+
+
+def _check_settings(s: PretrainSettings, world: Distributed) -> None:
+    check_run_settings(s, world)
+    if s.eval_tokens < 0:
+        raise OpenGLMError(f"--eval-tokens must be >= 0, got {s.eval_tokens}")
     if not 0.0 < s.emb_shrink <= 1.0:
         raise OpenGLMError(f"--emb-shrink must be in (0, 1], got {s.emb_shrink}")
     if s.bf16 and world.device.type == "cpu" and world.is_main and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -139,19 +176,43 @@ def _check_settings(s: PretrainSettings, world: Distributed) -> None:
               "times slower than fp32 here", file=sys.stderr)
 
 
-def _run_settings(s, run_dir: Path, resuming: bool, fixed: tuple[str, ...] = RESUME_FIXED) -> None:
-    """Write ``run.json`` from the settings dataclass ``s``, or check that a resumed run keeps the
-    settings named in ``fixed``."""
-    path = run_dir / "run.json"
+def _min_lr(settings: dict) -> float:
+    return settings["lr"] / 10 if settings.get("min_lr") is None else settings["min_lr"]
+
+
+def check_resume_settings(s, run_dir: Path, step: int | None, fixed: tuple[str, ...] = RESUME_FIXED) -> dict:
+    """The ``run.json`` to write for settings ``s``: resuming at ``step``, it refuses changes of the
+    settings named in ``fixed``, and records the others that changed under ``"history"`` (their
+    earlier values and the step they changed at), telling on stderr what changed and how the
+    learning-rate schedule continues."""
     current = dataclasses.asdict(s)
-    if resuming and path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in fixed if saved.get(k) != current[k]]
-        if changed:
-            raise OpenGLMError("cannot resume with other model or data settings (" + "; ".join(changed) + ")")
+    path = run_dir / "run.json"
+    if step is None or not path.is_file():
+        return current
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    refused = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in fixed if saved.get(k, current[k]) != current[k]]
+    if refused:
+        raise OpenGLMError("cannot resume with other model or data settings (" + "; ".join(refused) + ")")
+    changed = {k: [saved[k], v] for k, v in current.items()
+               if k in saved and k not in fixed and k not in RESUME_QUIET and saved[k] != v}
+    history = saved.get("history", [])
+    if changed:
+        history = [*history, {"step": step, "changed": changed}]
+        notes = [f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()]
+        print(f"resuming at step {step} with changed settings: {', '.join(notes)}", file=sys.stderr)
+        if {"lr", "min_lr", "warmup", "steps"} & set(changed) and step < s.steps:
+            before = learning_rate(step, saved["lr"], _min_lr(saved), saved["warmup"], saved["steps"])
+            after = learning_rate(step, s.lr, _min_lr(current), s.warmup, s.steps)
+            where = "warmup continues" if step < s.warmup else "cosine decay continues"
+            print(f"learning rate at step {step}: {before:.4g} -> {after:.4g}; the schedule is recomputed over "
+                  f"{s.steps} steps ({where}, reaching {_min_lr(current):.4g} at step {s.steps})", file=sys.stderr)
+    return {**current, "history": history}
+
+
+def _write_run_json(run_dir: Path, record: dict) -> None:
     from ..utils import atomic_write_text
 
-    atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
 
 
 class _StopRequest:
@@ -188,11 +249,13 @@ def _batch_inputs(batch: dict, two_d: bool, device: torch.device) -> tuple[torch
 
 
 def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: float, clip: float,
-               world: Distributed, two_d: bool, autocast) -> tuple[float, float]:
+               world: Distributed, two_d: bool, precision: Precision) -> tuple[float, float]:
     """One optimizer step over the micro-batches ``(batch, global target count)`` of ``next_batch``.
 
-    Returns this rank's summed loss over its targets and the gradient norm before clipping.
+    Returns this rank's summed loss over its targets and the gradient norm before clipping (with
+    fp16, inf or nan on a step the scaler skips for overflow).
     """
+    scaler = precision.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
     # Gradients end as d(sum of losses / all targets of the step); DDP and FSDP average over ranks, hence * world.
@@ -200,21 +263,28 @@ def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: 
     loss_sum = 0.0
     for k, (batch, _) in enumerate(micro):
         with gradient_sync(module, k == len(micro) - 1):
-            with autocast():
+            with precision.autocast():
                 loss = module(*_batch_inputs(batch, two_d, world.device))
-            (loss * scale).backward()
+            (loss * scale if scaler is None else scaler.scale(loss * scale)).backward()
         loss_sum += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip and report the true gradient norm
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip if clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, float(grad_norm)
 
 
 @torch.no_grad()
 def evaluate(module: nn.Module, batches: list[tuple], num_targets: int, world: Distributed, autocast) -> float:
-    """Mean cross-entropy per target token over the fixed validation batches (all ranks)."""
+    """Mean cross-entropy per target token over the fixed validation batches (all ranks);
+    ``autocast()`` gives the precision context."""
     module.eval()
     total = 0.0
     for inputs in batches:
@@ -226,14 +296,19 @@ def evaluate(module: nn.Module, batches: list[tuple], num_targets: int, world: D
 
 
 def _validation_batches(val, s: PretrainSettings, special, sentence_ends, weights, world, two_d):
-    """A fixed validation set: the first ``eval_batches`` batches of the val split, seed 0 (the same for every run)."""
+    """A fixed validation set: the first ``ceil(eval_tokens / seq_len)`` rows of the val split, seed 0.
+
+    The rows do not depend on the batch size or the number of processes, so validation losses
+    compare across them; they are only split into micro-batches of ``batch_size`` rows (the last one
+    padded with empty rows, so every rank runs as many batches).
+    """
     loader = PackedBatches(val, s.seq_len, special, seed=0, weights=weights, sentence_end_ids=sentence_ends,
                            mask_ratio=s.mask_ratio, append_eos=s.append_eos)
-    batches, num_targets = [], 0
-    for _ in range(s.eval_batches):
-        batch, n = loader.next_batch(s.batch_size, world.rank, world.world_size)
-        batches.append(_batch_inputs(batch, two_d, world.device))
-        num_targets += n
+    rows = [loader.next_row() for _ in range(-(-s.eval_tokens // s.seq_len))]
+    num_targets = sum(int((r.targets != IGNORE_INDEX).sum()) for r in rows)
+    rows += [pack([], s.seq_len, special.pad)] * (-len(rows) % s.batch_size)
+    batches = [_batch_inputs(collate(rows[i : i + s.batch_size][world.rank :: world.world_size]), two_d, world.device)
+               for i in range(0, len(rows), s.batch_size)]
     return batches, num_targets
 
 
@@ -259,46 +334,125 @@ def _export(config: Config, model_state: dict, directory: Path, tok) -> None:
 
 
 class _Metrics:
-    """``metrics.jsonl``, appended by rank 0 only."""
+    """``metrics.jsonl``, appended by rank 0 only, and the trackers of ``--log-to``.
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until is not None and path.is_file():
-            # Resuming: drop lines logged after the checkpoint, which this run logs again.
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                     if ln.strip() and json.loads(ln)["step"] <= keep_until]
-            path.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+    keep_until: the step of the checkpoint a resumed run starts from (lines after it are dropped,
+    this run logs them again); None for a new run, which starts the file afresh.
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None, trackers=None):
+        from ..utils import atomic_write_text
+
+        self.path, self.enabled, self.trackers = path, enabled, trackers
+        if enabled:
+            lines = []
+            if keep_until is not None and path.is_file():
+                lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                         if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
     def log(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def close(self, finished: bool) -> None:
+        if self.enabled and self.trackers is not None:
+            self.trackers.close(finished)
 
 
-def resume(found: Path, module: nn.Module, optimizer, loader, strict: bool = True) -> int:
-    """Load the checkpoint ``found`` into the module, optimizer, data loader and RNGs; returns its step.
+def open_metrics(s, run_dir: Path, world: Distributed, resume_step: int | None) -> _Metrics:
+    """``metrics.jsonl`` and the ``--log-to`` trackers of a run (rank 0 writes; the others get a no-op)."""
+    from .tracking import Trackers, parse_trackers
+
+    trackers = None
+    names = parse_trackers(s.log_to)
+    if world.is_main and names:
+        trackers = Trackers(names, run_dir, dataclasses.asdict(s), resume_step)
+    return _Metrics(run_dir / "metrics.jsonl", world.is_main, resume_step, trackers)
+
+
+class Precision:
+    """Autocast (bf16, fp16 or none) and, for fp16, the gradient scaler that keeps small gradients
+    from flushing to zero; the scaler's state goes into the checkpoint."""
+
+    def __init__(self, s, device: torch.device):
+        self.dtype = torch.bfloat16 if s.bf16 else torch.float16 if s.fp16 else None
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if s.fp16 else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+class ValidationTracker:
+    """The validation losses of a run: the best so far and how many evaluations ago, for
+    ``--keep-best`` and ``--early-stop``; kept in the checkpoint so a resumed run goes on counting."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.best: float | None = state.get("best")
+        self.best_step: int | None = state.get("best_step")
+        self.since_best: int = state.get("since_best", 0)
+        self.last: tuple[int, float] | None = tuple(state["last"]) if state.get("last") else None
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record the validation loss at ``step``; True when it is the best so far."""
+        self.last = (step, loss)
+        if self.best is None or loss < self.best:
+            self.best, self.best_step, self.since_best = loss, step, 0
+            return True
+        self.since_best += 1
+        return False
+
+    def at(self, step: int) -> float | None:
+        """The validation loss measured at ``step``, if there was one."""
+        return self.last[1] if self.last and self.last[0] == step else None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best,
+                "last": list(self.last) if self.last else None}
+
+
+def resume(found: Path, loaded: tuple, module: nn.Module, optimizer, loader, strict: bool = True) -> dict:
+    """Load the checkpoint ``found`` (``loaded``: what ``load_checkpoint`` read from it) into the module,
+    optimizer, data loader and RNGs; returns its ``state.json`` (``"step"``, ``"validation"``, ``"scaler"``...).
 
     ``strict=False`` accepts a checkpoint holding only some of the module's weights (LoRA adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_state, optimizer_state, state = checkpointing.load_checkpoint(found)
-    set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True, strict=strict))
-    loader.load_state_dict(state["data"])
-    checkpointing.set_rng_state(state["rng"])
-    return state["step"]
+    model_state, optimizer_state, state = loaded
+    try:
+        set_state_dict(module, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True, strict=strict))
+        loader.load_state_dict(state["data"])
+        checkpointing.set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise OpenGLMError(f"the training checkpoint in {found} does not fit this run: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return state
 
 
-def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distributed, two_d: bool, autocast,
-              min_lr: float, val_batches, metrics: _Metrics, save, describe, show: bool,
-              eval_first: bool = False) -> tuple[int, float | None, float | None, bool]:
+def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distributed, two_d: bool,
+              precision: Precision, min_lr: float, val_batches, metrics: _Metrics, save, describe, show: bool,
+              validation: ValidationTracker, eval_first: bool = False) -> tuple[int, float | None, float | None, bool]:
     """The optimizer-step loop pretraining and fine-tuning share, from ``step`` to ``s.steps``.
 
     Every ``s.log_every`` steps it logs ``describe(step, loss, lr, grad_norm, steps, seconds, targets)``,
     which returns (metrics record, progress-bar postfix, stderr line) from the interval's steps,
     training seconds and target tokens. It evaluates every ``s.eval_every`` steps and at the end
-    (``eval_first``: at the start too), calls ``save(step)`` every ``s.save_every`` steps and at the
-    end, and stops early, saved, on Ctrl-C (any process) or after ``s.stop_after`` steps.
+    (``eval_first``: at the start too), calls ``save(step)`` every ``s.save_every`` steps, at each new
+    best validation loss with ``s.keep_best``, and at the end. It stops early, saved, on Ctrl-C (any
+    process), after ``s.stop_after`` steps, or after ``s.early_stop`` evaluations without a new best.
     Returns (step, last loss, last validation loss, interrupted).
     """
     from tqdm import tqdm
@@ -307,25 +461,25 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
                disable=None if show else True)
 
     def run_eval():
-        val_loss = evaluate(module, *val_batches, world, autocast)
+        val_loss = evaluate(module, *val_batches, world, precision.autocast)
         record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         metrics.log(record)
         if world.is_main:
             bar.write(f"step {step}: val loss {val_loss:.4f}, ppl {record['val_ppl']:.2f}")
-        return val_loss
+        return val_loss, validation.add(step, val_loss)
 
     loss = val_loss = None
     interrupted = False
     module.train()
     with _StopRequest() as stop, bar:
         if val_batches and eval_first:
-            val_loss = run_eval()
+            val_loss, _ = run_eval()
         start_step, interval = step, [0, 0.0, 0]  # steps, training seconds, target tokens since the last log
         while step < s.steps:
             started = time.perf_counter()
             lr = learning_rate(step, s.lr, min_lr, s.warmup, s.steps)
             micro = [loader.next_batch(s.batch_size, world.rank, world.world_size) for _ in range(s.grad_accum)]
-            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, autocast)
+            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, precision)
             step += 1
             loss_sum, stop_votes = all_reduce_sum([loss_sum, float(stop.requested)], world)
             num_targets = sum(n for _, n in micro)
@@ -340,14 +494,20 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
                 bar.set_postfix(postfix, refresh=False)
                 if bar.disable and world.is_main:
                     print(line, file=sys.stderr, flush=True)
+            new_best = False
             if val_batches and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-                val_loss = run_eval()
+                val_loss, new_best = run_eval()
             if stop_votes:
                 interrupted = True
                 break
             if s.stop_after and step - start_step >= s.stop_after:
                 break
-            if s.save_every and step % s.save_every == 0 and step < s.steps:
+            if s.early_stop and validation.since_best >= s.early_stop:
+                if world.is_main:
+                    bar.write(f"early stop at step {step}: no lower validation loss in {s.early_stop} evaluations "
+                              f"(best {validation.best:.4f} at step {validation.best_step})")
+                break
+            if step < s.steps and ((s.save_every and step % s.save_every == 0) or (s.keep_best and new_best)):
                 save(step)
         save(step)
     return step, loss, val_loss, interrupted
@@ -355,12 +515,126 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
 
 def pretrain(s: PretrainSettings) -> PretrainResult:
     """Train (or, with ``s.resume``, continue) a run; see the module docstring for what it writes."""
-    world = init_distributed()
+    world = init_distributed(s.device)
     try:
         return _pretrain(s, world)
     finally:
         if world.world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+# What a run writes besides its checkpoints; a new run that fails before its first checkpoint removes them.
+RUN_FILES = ("run.json", "metrics.jsonl", "tracking.json", "tensorboard", "wandb", "mlruns", "model", "adapter")
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(run_dir: Path, world: Distributed, fresh: bool, existed: bool):
+    """Rank 0 removes a new run's files (and its directory, unless it ``existed`` before the run)
+    when the run fails before writing a checkpoint: a failed run leaves nothing half-made behind."""
+    try:
+        yield
+    except BaseException:
+        if world.is_main and fresh and checkpointing.find_checkpoint(run_dir) is None:
+            for name in RUN_FILES:
+                path = run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            checkpointing.remove_stale_temporaries(run_dir)
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def parse_overrides(items: list[str], config: Config) -> dict:
+    """``["num_layers=4", "rope_theta=5e5"]`` -> config fields with the types of ``config``'s values."""
+    fields = {f.name for f in dataclasses.fields(Config)} - {"name"}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise OpenGLMError(f"bad --set {item!r}: expected KEY=VALUE with KEY a config field "
+                               f"({', '.join(sorted(fields))})")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        current = getattr(config, key)
+        if isinstance(current, float) and type(value) is int:
+            value = float(value)
+        if current is not None and type(value) is not type(current):
+            raise OpenGLMError(f"bad --set {item!r}: {key} takes a {type(current).__name__}")
+        out[key] = value
+    return out
+
+
+# Fields that decide the shapes of the weights: --init's weights fix them.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "attention_bias", "post_norms", "tie_word_embeddings")
+
+
+def init_checkpoint(name: str) -> Path:
+    """The checkpoint directory ``--init`` names: a run directory (its ``model/``), a checkpoint
+    directory or a bundled name."""
+    from ..model.checkpoint import checkpoint_dir
+
+    run_model = Path(name) / "model"
+    if (run_model / "config.json").is_file():
+        return run_model
+    return checkpoint_dir(name)
+
+
+def model_config(s: PretrainSettings, tok) -> tuple[Config, Path | None, str | None]:
+    """The config of the model to train, the checkpoint ``--init`` starts from (None: random weights)
+    and a note to print when the vocabulary size was taken from the tokenizer.
+
+    Without ``--init`` the vocabulary is the tokenizer's unless ``--set vocab_size=N`` says otherwise:
+    a 4,096-token tokenizer gives 4,096 embedding rows, not the config's 16,384.
+    """
+    from ..config import CONFIGS
+
+    init_dir = None
+    if s.init:
+        if s.config:
+            raise OpenGLMError("give --config or --init, not both: --init brings its own config")
+        init_dir = init_checkpoint(s.init)
+        config = Config.from_file(init_dir)
+    elif s.config in CONFIGS or not Path(s.config).exists():
+        config = Config.from_name(s.config)
+    else:
+        config = Config.from_file(s.config)
+    overrides = parse_overrides(s.overrides, config)
+    fixed = [k for k in overrides if k in SHAPE_FIELDS and overrides[k] != getattr(config, k)]
+    if init_dir is not None and fixed:
+        raise OpenGLMError(f"--set {fixed[0]} would change the shapes of the --init weights")
+    note = None
+    if init_dir is None and "vocab_size" not in overrides and tok.vocab_size != config.vocab_size:
+        note = f"vocab size {tok.vocab_size} (the tokenizer's; the config has {config.vocab_size})"
+        overrides["vocab_size"] = tok.vocab_size
+    config = dataclasses.replace(config, **overrides, eos_token_id=[tok.eos_id], pad_token_id=tok.eos_id)
+    if tok.vocab_size > config.vocab_size:
+        raise OpenGLMError(f"the tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size} "
+                           f"embeddings")
+    if init_dir is not None and (init_dir / "tokenizer.json").is_file():
+        from ..data.tokenizer import load_tokenizer
+
+        if _tokenizer_sha(load_tokenizer(init_dir)) != _tokenizer_sha(tok):
+            raise OpenGLMError(f"the data was prepared with another tokenizer than the one of {init_dir}: "
+                               f"prepare it with --tokenizer {init_dir}")
+    return config, init_dir, note
+
+
+def _check_data_fits(s: PretrainSettings, config: Config, splits) -> None:
+    if s.seq_len > config.max_position_embeddings:
+        raise OpenGLMError(f"--seq-len {s.seq_len} is longer than the model's {config.max_position_embeddings} "
+                           f"positions")
+    for shards in splits:
+        largest = shards.max_token_id()
+        if largest >= config.vocab_size:
+            raise OpenGLMError(f"{shards.directory} holds token id {largest}, outside the model's vocabulary of "
+                               f"{config.vocab_size}: prepare the data with the model's tokenizer")
 
 
 def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
@@ -377,21 +651,41 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
     sentence_ends = sentence_end_ids(tok)
     if weights["sentence"] > 0 and not sentence_ends:
         raise OpenGLMError("the tokenizer has none of '。！？.!?\\n' as a single token: give sentence weight 0")
-
-    config = Config.from_name(s.config, eos_token_id=[tok.eos_id], pad_token_id=tok.eos_id)
-    if tok.vocab_size > config.vocab_size:
-        raise OpenGLMError(f"the tokenizer has {tok.vocab_size} ids but config {s.config!r} only "
-                           f"{config.vocab_size} embeddings")
+    config, init_dir, note = model_config(s, tok)
+    _check_data_fits(s, config, [train] + ([val] if val is not None else []))
+    if (s.keep_best or s.early_stop) and (val is None or not s.eval_tokens):
+        raise OpenGLMError("--keep-best and --early-stop need validation data (a val split and --eval-tokens > 0)")
+    # A damaged checkpoint is found here, before anything is written.
+    loaded = checkpointing.load_checkpoint(found) if found is not None else None
+    run_record = check_resume_settings(s, run_dir, loaded[2]["step"] if loaded else None)
+    if note and world.is_main:
+        print(note, file=sys.stderr)
+    existed = run_dir.exists()
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _run_settings(s, run_dir, resuming=found is not None)
+        checkpointing.remove_stale_temporaries(run_dir)
+    with cleanup_on_failure(run_dir, world, fresh=found is None, existed=existed):
+        if world.is_main:
+            _write_run_json(run_dir, run_record)
+        return _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, weights, special,
+                      sentence_ends)
 
+
+def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, weights, special, sentence_ends):
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     from ..model.glm import GLMForCausalLM
 
-    lm = GLMForCausalLM.from_config(config, device=world.device, seed=s.seed)
+    if init_dir is not None:
+        from ..model.checkpoint import load_model
+
+        lm = load_model(init_dir, device=world.device, dtype=torch.float32).train()
+        if getattr(lm, "quantization", None) is not None:
+            raise OpenGLMError(f"{init_dir} is quantized; continue pretraining from full-precision weights")
+        lm.config = config
+    else:
+        lm = GLMForCausalLM.from_config(config, device=world.device, seed=s.seed)
     if s.emb_shrink < 1.0:
         embedding_gradient_shrink(lm.model.embed_tokens, s.emb_shrink)
     module = PretrainLoss(lm)
@@ -403,23 +697,28 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
+    precision = Precision(s, world.device)
 
     loader = PackedBatches(train, s.seq_len, special, seed=s.seed, weights=weights, sentence_end_ids=sentence_ends,
                            mask_ratio=s.mask_ratio, append_eos=s.append_eos)
-    step = resume(found, module, optimizer, loader) if found is not None else 0
+    state = resume(found, loaded, module, optimizer, loader) if found is not None else {"step": 0}
+    step = state["step"]
+    precision.load_state_dict(state.get("scaler"))
+    validation = ValidationTracker(state.get("validation"))
     two_d = config.position_encoding_2d
-    autocast = lambda: torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16)  # noqa: E731
     val_batches = None
-    if val is not None and s.eval_batches > 0:
+    if val is not None and s.eval_tokens > 0:
         val_batches = _validation_batches(val, s, special, sentence_ends, weights, world, two_d)
-    metrics = _Metrics(run_dir / "metrics.jsonl", world.is_main, step if found is not None else None)
+    metrics = open_metrics(s, run_dir, world, step if found is not None else None)
 
     def save(step):
         model_state, optimizer_state = _full_state(module, optimizer)
         if world.is_main:
-            state = {"step": step, "rng": checkpointing.rng_state(), "data": loader.state_dict(),
+            state = {"step": step, "val_loss": validation.at(step), "validation": validation.state_dict(),
+                     "scaler": precision.state_dict(), "rng": checkpointing.rng_state(), "data": loader.state_dict(),
                      "settings": dataclasses.asdict(s)}
-            checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous)
+            checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous,
+                                          keep=s.keep, keep_best=s.keep_best)
             _export(config, model_state, run_dir / "model", tok)
 
     tokens_per_step = s.batch_size * s.grad_accum * s.seq_len
@@ -432,11 +731,18 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
                 f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
                 f"{tokens_per_s:,.0f} tokens/s")
 
-    step, loss, val_loss, interrupted = run_steps(
-        s, step, module, optimizer, loader, world, two_d, autocast, min_lr, val_batches, metrics, save, describe,
-        show=s.progress and world.is_main)
+    finished = False
+    try:
+        step, loss, val_loss, interrupted = run_steps(
+            s, step, module, optimizer, loader, world, two_d, precision, min_lr, val_batches, metrics, save,
+            describe, show=s.progress and world.is_main, validation=validation)
+        finished = step >= s.steps
+    finally:
+        metrics.close(finished)
     if world.is_main:
-        if step < s.steps:
+        if step < s.steps and not interrupted and s.early_stop and validation.since_best >= s.early_stop:
+            print(f"stopped early at step {step}; model saved in {run_dir / 'model'}", file=sys.stderr)
+        elif step < s.steps:
             print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "
                   f"continue with --resume", file=sys.stderr)
         else:

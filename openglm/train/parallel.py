@@ -35,16 +35,28 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed() -> Distributed:
-    """Read torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` and start the process group when > 1 process."""
+def init_distributed(device: str | None = None) -> Distributed:
+    """Read torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` and start the process group when > 1 process.
+
+    ``device``: ``"cpu"``, ``"cuda"`` (this process's GPU, by local rank) or ``"cuda:N"``; by default
+    the local GPU when there is one, else the CPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    try:
+        wanted = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise OpenGLMError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OpenGLMError(f"--device {device}: this torch sees no CUDA GPU")
+        device = torch.device("cuda", local_rank if wanted.index is None else wanted.index)
         torch.cuda.set_device(device)
+    elif wanted.type == "cpu":
+        device = wanted
     else:
-        device = torch.device("cpu")
+        raise OpenGLMError(f"--device {device}: training runs on cpu or cuda")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank, world_size, local_rank, device)

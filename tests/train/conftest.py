@@ -47,7 +47,7 @@ def settings(data_dir):
 
     def make(out, **overrides) -> PretrainSettings:
         base = dict(config="glm-tiny-debug", data=str(data_dir), out=str(out), steps=8, batch_size=4, seq_len=64,
-                    lr=3e-3, warmup=2, eval_every=4, eval_batches=1, save_every=100, log_every=1, threads=1,
+                    lr=3e-3, warmup=2, eval_every=4, eval_tokens=256, save_every=100, log_every=1, threads=1,
                     progress=False)
         return PretrainSettings(**{**base, **overrides})
 

@@ -15,7 +15,7 @@ from openglm.train import checkpointing
 from openglm.train.loop import pretrain
 
 ARGS = ["--config", "glm-tiny-debug", "--steps", "4", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
-        "--warmup", "2", "--eval-every", "2", "--eval-batches", "1", "--log-every", "1", "--no-progress"]
+        "--warmup", "2", "--eval-every", "2", "--eval-tokens", "256", "--log-every", "1", "--no-progress"]
 RTOL = 1e-5  # different matmul blockings and the gradient all-reduce round differently
 
 
@@ -37,7 +37,7 @@ def torchrun(data_dir, run_dir, *extra):
 @pytest.fixture
 def single(settings, tmp_path):
     run = tmp_path / "single"
-    pretrain(settings(run, steps=4, lr=3e-3, warmup=2, eval_every=2, eval_batches=1))
+    pretrain(settings(run, steps=4, lr=3e-3, warmup=2, eval_every=2, eval_tokens=256))
     return run
 
 

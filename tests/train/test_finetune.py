@@ -174,19 +174,19 @@ def test_resume_is_bit_exact(settings):
 
 
 def test_refuses_to_overwrite_a_run_and_bad_targets(settings):
-    finetune(settings(steps=1))
+    finetune(settings(steps=1, warmup=1))
     with pytest.raises(OpenGLMError, match="--resume"):
-        finetune(settings(steps=1))
+        finetune(settings(steps=1, warmup=1))
     with pytest.raises(OpenGLMError, match="no module named nope"):
-        finetune(settings("other", steps=1, lora=True, lora_targets="q_proj,nope"))
+        finetune(settings("other", steps=1, warmup=1, lora=True, lora_targets="q_proj,nope"))
 
 
 def test_cli_trains_lora_then_merges(settings, tokenizer, tmp_path):
     from openglm.cli import main
 
     s = settings()
-    assert main(["finetune", s.model, "--data", s.data, "-o", s.out, "--steps", "2", "--batch-size", "2",
-                 "--seq-len", "96", "--lora", "--no-merge", "--save-every", "0", "--eval-every", "0",
+    assert main(["finetune", s.model, "--data", s.data, "-o", s.out, "--steps", "2", "--warmup", "1",
+                 "--batch-size", "2", "--seq-len", "96", "--lora", "--no-merge", "--save-every", "0", "--eval-every", "0",
                  "--threads", "1", "--no-progress"]) == 0
     assert not (Path(s.out) / "model").exists()
     assert main(["finetune", "merge", s.out, "-o", str(tmp_path / "merged")]) == 0

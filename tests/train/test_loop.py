@@ -100,7 +100,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(settings, tmp_path, monke
 
 def test_keep_previous_checkpoint(settings, tmp_path):
     run = tmp_path / "run"
-    pretrain(settings(run, steps=4, save_every=2, keep_previous=True, eval_batches=0))
+    pretrain(settings(run, steps=4, save_every=2, keep_previous=True, eval_tokens=0))
     assert checkpointing.load_checkpoint(run / checkpointing.PREVIOUS)[2]["step"] == 2
     assert checkpointing.load_checkpoint(run / checkpointing.CHECKPOINT)[2]["step"] == 4
 
@@ -110,7 +110,7 @@ def test_ctrl_c_saves_and_resumes(data_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "openglm", "pretrain", "--config", "glm-tiny-debug", "--data", str(data_dir),
            "-o", str(run), "--steps", "100000", "--batch-size", "2", "--seq-len", "64", "--log-every", "1",
-           "--threads", "1", "--no-progress", "--eval-batches", "0"]
+           "--threads", "1", "--no-progress", "--eval-tokens", "0", "--warmup", "2"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while len(losses(run) if (run / "metrics.jsonl").is_file() else {}) < 3 and time.time() < deadline:
