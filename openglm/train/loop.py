@@ -524,7 +524,7 @@ def pretrain(s: PretrainSettings) -> PretrainResult:
 
 
 # What a run writes besides its checkpoints; a new run that fails before its first checkpoint removes them.
-RUN_FILES = ("run.json", "metrics.jsonl", "tracking.json", "tensorboard", "wandb", "mlruns", "model", "adapter")
+RUN_FILES = ("run.json", "metrics.jsonl", "tracking.json", "tensorboard", "wandb", "mlflow.db", "model", "adapter")
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ run directory and works without a network:
 
     tensorboard/   event files from torch's own ``SummaryWriter`` (``tensorboard --logdir RUN_DIR``)
     wandb/         an offline wandb run (``wandb sync RUN_DIR/wandb/offline-run-*`` uploads it later)
-    mlruns/        an MLflow file store (``mlflow ui --backend-store-uri RUN_DIR/mlruns``)
+    mlflow.db      an MLflow store in one SQLite file (``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db``;
+                   MLflow 3 keeps its older ``mlruns/`` folder store in maintenance mode only)
 
 A resumed run continues the same TensorBoard log (events after the checkpoint's step are purged),
 the same wandb run and the same MLflow run (their ids are kept in ``RUN_DIR/tracking.json``); a new
@@ -17,12 +18,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 from ..errors import OpenGLMError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 IDS_FILE = "tracking.json"
+MLFLOW_DB = "mlflow.db"
+
+
+def mlflow_uri(run_dir: str | Path) -> str:
+    """The tracking URI of a run's MLflow store, for ``MlflowClient(tracking_uri=...)`` or ``mlflow ui``."""
+    return "sqlite:///" + str((Path(run_dir) / MLFLOW_DB).resolve())
 
 
 def parse_trackers(text: str | None) -> list[str]:
@@ -49,25 +57,28 @@ class Trackers:
         ids_path = self.run_dir / IDS_FILE
         ids = json.loads(ids_path.read_text(encoding="utf-8")) if resume_step is not None and ids_path.is_file() else {}
         if resume_step is None:  # a new run: nothing of an earlier one may mix in
-            for name in ("tensorboard", "wandb", "mlruns"):
+            for name in ("tensorboard", "wandb"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / MLFLOW_DB).unlink(missing_ok=True)
         self._tb = self._wandb = self._mlflow = None
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+            # purge_step: events from this step on (logged after the checkpoint, logged again now) are dropped
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
             self._tb.add_text("settings", "```\n" + json.dumps(settings, indent=2) + "\n```", 0)
         if "wandb" in names:
             import wandb
 
-            ids.setdefault("wandb", wandb.util.generate_id())
+            ids.setdefault("wandb", uuid.uuid4().hex[:8])  # wandb's own run id form
             self._wandb = wandb.init(mode="offline", dir=str(self.run_dir), project="openglm",
                                      name=self.run_dir.resolve().name, id=ids["wandb"], resume="allow",
                                      config=settings, settings=wandb.Settings(silent=True, console="off"))
         if "mlflow" in names:
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=(self.run_dir / "mlruns").resolve().as_uri())
+            client = MlflowClient(tracking_uri=mlflow_uri(self.run_dir))
             if "mlflow" not in ids:
                 experiment = client.get_experiment_by_name("openglm")
                 experiment_id = experiment.experiment_id if experiment else client.create_experiment("openglm")
@@ -101,7 +112,10 @@ class Trackers:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # the wandb service writes the offline run file through; this waits for it
         if self._mlflow is not None:
             client, run_id = self._mlflow
             client.set_terminated(run_id, "FINISHED" if finished else "KILLED")

@@ -206,3 +206,42 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer):
     trained = tokenizer.decode(sample.targets[sample.targets != IGNORE_INDEX].tolist())
     assert "lookup" in trained and "blank" in trained and "It is 130." in trained
     assert "symbols" not in trained and "2022" not in trained
+
+
+def long_conversation() -> dict:
+    turns = []
+    for i in range(12):
+        a = COLOURS[i % len(COLOURS)]
+        turns += [{"role": "user", "content": f"Say {a}."}, {"role": "assistant", "content": f"{a} {a}"}]
+    return {"messages": [{"role": "system", "content": "You repeat colours."}, *turns]}
+
+
+def test_truncate_keeps_the_system_turn_or_the_start(tokenizer):
+    from openglm.data.chat import render_chat
+
+    conv = long_conversation()
+    full = tokenize_conversation(tokenizer, conv)
+    opening = render_chat(tokenizer, conv["messages"][:1])[0]
+    assert len(full) > 96 and full.input_ids[: len(opening)].tolist() == opening
+    left = tokenize_conversation(tokenizer, conv, max_len=96, truncate="left")
+    right = tokenize_conversation(tokenizer, conv, max_len=96, truncate="right")
+    assert len(left) == len(right) == 96
+    # left: the system turn, then the latest tokens (the conversation's end, its last answer trained on)
+    assert left.input_ids[: len(opening)].tolist() == opening
+    assert left.input_ids[len(opening):].tolist() == full.input_ids[len(full) - (96 - len(opening)):].tolist()
+    assert left.targets[len(opening):].tolist()[:-1] == full.targets[len(full) - (96 - len(opening)):].tolist()[:-1]
+    # right: the beginning
+    assert right.input_ids.tolist() == full.input_ids[:96].tolist()
+    for sample in (left, right):
+        assert (sample.targets != IGNORE_INDEX).any()
+
+
+def test_finetune_counts_truncated_and_left_out(settings, chat_files, tmp_path, capsys):
+    data = tmp_path / "with-long.jsonl"
+    data.write_text(chat_files[0].read_text() + json.dumps(long_conversation()) + "\n")
+    kept = finetune(settings("kept", data=str(data), steps=1, warmup=1, truncate="left", eval_every=0))
+    assert (kept.truncated, kept.skipped) == (1, 0)
+    assert "49 conversations, 1 truncated (left), 0 left out" in capsys.readouterr().err
+    dropped = finetune(settings("dropped", data=str(data), steps=1, warmup=1, eval_every=0))
+    assert (dropped.truncated, dropped.skipped) == (0, 1)
+    assert "48 conversations, 0 truncated (off), 1 left out" in capsys.readouterr().err
