@@ -51,11 +51,12 @@ def test_chat_stream_is_the_greedy_reply_up_to_an_end_of_turn(model, tokenizer):
     assert parse_assistant(reply)["content"] == reply.strip()
 
 
-def long_answer_question(model, tokenizer) -> str:
-    """A question whose greedy answer runs on, so that Ctrl-C reliably lands mid-answer."""
+def long_answer_question(model, tokenizer, budget: int) -> str:
+    """A question whose greedy answer runs the whole ``budget`` without an end of turn, so that a Ctrl-C
+    sent once the answer streams lands mid-answer however slow the machine (it has ``budget`` tokens to)."""
     for question in ["Numbers like 2022", "What is GLM?", "hello there", "tell me more", "通用语言模型"]:
         steps = list(generate_steps(model, tokenizer, [chat_prompt(tokenizer, user(question))],
-                                    SamplingParams(max_new_tokens=48, temperature=0,
+                                    SamplingParams(max_new_tokens=budget, temperature=0,
                                                    stop_token_ids=end_of_turn_ids(tokenizer))))
         if steps[-1].finish_reason == "length":
             return question
@@ -95,15 +96,33 @@ def streaming(child) -> bool:
     return False
 
 
+def wait_for_key(child, timeout: float = 60) -> None:
+    """Return once the child sleeps waiting for a key: CPython's readline acts on a signal only there
+    (one that lands while it handles a key stays pending until the next key, which it then drops)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{child.pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{child.pid}/wchan") as f:
+            wchan = f.read()
+        if state == "S" and ("poll" in wchan or "select" in wchan):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the chat never waited for a key (state {state}, in {wchan!r})")
+
+
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_checkpoint, model, tokenizer):
-    question = long_answer_question(model, tokenizer)
+    # Half the positions for the answer, half for the history: an answer interrupted late on a slow
+    # machine still fits in the next prompt.
+    budget = model.config.max_position_embeddings // 2
+    question = long_answer_question(model, tokenizer, budget)
     fresh = len(chat_prompt(tokenizer, user("hello")))
 
     def steps(child):
         child.expect_exact(">>> ")
         child.sendline(question)
         assert prompt_len(child) == len(chat_prompt(tokenizer, user(question)))
-        assert streaming(child)  # the answer is streaming in
+        assert streaming(child)  # the answer is streaming in, and cannot end before the Ctrl-C
         child.kill(signal.SIGINT)
         child.expect_exact("[stopped]")
         child.expect_exact(">>> ")
@@ -111,11 +130,13 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_checkpoint, model, t
         child.sendline("hello")
         assert prompt_len(child) > fresh
         assert streaming(child)
-        child.kill(signal.SIGINT)  # mid-answer or just after it: either way, back to the prompt
+        child.expect_exact(">>> ")
+        wait_for_key(child)
+        child.kill(signal.SIGINT)  # Ctrl-C at the prompt: a fresh prompt
         child.expect_exact(">>> ")
         child.sendline("/exit")
 
-    run_session(spawn(tiny_checkpoint, "--max-new-tokens", "900", "--verbose"), steps)
+    run_session(spawn(tiny_checkpoint, "--max-new-tokens", str(budget), "--verbose"), steps)
 
 
 def test_commands_history_and_end_of_input(tiny_checkpoint, tokenizer):
@@ -126,7 +147,7 @@ def test_commands_history_and_end_of_input(tiny_checkpoint, tokenizer):
         # Ctrl-C at the prompt only drops the line.
         child.send("half a line")
         child.expect_exact("half a line")
-        time.sleep(0.5)  # CPython's readline acts on a signal only while it waits for a key
+        wait_for_key(child)
         child.sendintr()
         child.expect_exact(">>> ")
         child.sendline("hello")
