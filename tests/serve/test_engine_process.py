@@ -65,6 +65,16 @@ def test_same_tokens_text_and_counts_as_the_engine_in_this_process(remote, tiny_
     assert remote.num_running == 0 and remote.num_waiting == 0
 
 
+
+def test_requests_with_the_same_request_id_stay_apart(remote, tokenizer):
+    # The caller's request_id is no key here: two requests naming the same one each get their own tokens.
+    reqs = [EngineRequest(tokenizer.encode(text), SamplingParams(max_new_tokens=12, temperature=0),
+                          request_id="same") for text in PROMPTS[:2]]
+    alone = [asyncio.run(run_all(remote, [r]))[1][0] for r in reqs]
+    handles, together = asyncio.run(asyncio.wait_for(run_all(remote, reqs), 60))  # (one of them once hung)
+    assert [[e.token for e in events] for events, _ in together] == [[e.token for e in events] for events, _ in alone]
+    assert [h.completion_tokens for h in handles] == [12, 12] and handles[0].request_id != handles[1].request_id
+
 def test_cancel_ends_the_request_and_bills_what_was_handed_out(remote, tokenizer):
     async def scenario():
         handle = remote.submit(EngineRequest(tokenizer.encode("It"), SamplingParams(max_new_tokens=100, temperature=0)))
