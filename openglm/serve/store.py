@@ -104,6 +104,13 @@ class RateLimited(StoreError):
         self.retry_after = retry_after
 
 
+class RequestTooLarge(StoreError):
+    """The request's worst case (prompt + max_tokens) is above the key's tokens-per-minute limit: it can
+    never run, so it is a 400 (a 429 would tell clients to retry it forever)."""
+    code = "1210"
+    http_status = 400
+
+
 # ----------------------------------------------------------------------------------------- records
 
 @dataclass(frozen=True)
@@ -361,8 +368,8 @@ class Store:
         """Hold the request's worst-case cost, in one transaction with its checks.
 
         Raises ModelNotAllowed, AuthError (key revoked or expired since authenticate), DuplicateRequest
-        (this account already used ``request_id``, running or finished), RateLimited (the key's rpm, tpm
-        or concurrency), InsufficientBalance (available balance below the worst-case cost). ``request_id``
+        (this account already used ``request_id``, running or finished), RequestTooLarge (above the key's
+        tpm), RateLimited (the key's rpm, tpm or concurrency), InsufficientBalance (available balance below the worst-case cost). ``request_id``
         None: a fresh one is made.
         """
         _check_count("prompt_tokens", prompt_tokens)
@@ -551,7 +558,7 @@ def _make_engine(url: str):
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise OpenGLMError("SQLite needs a file (sqlite:///path.db): the store is shared by threads and processes")
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(parsed.database).expanduser())
         engine = create_engine(parsed, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -578,9 +585,26 @@ def _make_engine(url: str):
     raise OpenGLMError(f"unsupported database {backend!r}: use sqlite:///path.db or postgresql://...")
 
 
+def _check_text(name: str, value: str | None) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it on every backend alike, before it reaches the database."""
+    if value is not None and "\x00" in value:
+        raise OpenGLMError(f"{name} must not contain NUL characters")
+
+
+def _create_private(path: Path) -> None:
+    """Create the SQLite file (and its folder) readable by its owner only, if it does not exist: it holds
+    key hashes and every account's usage. SQLite gives its -wal and -shm files the database's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def _insert_account(conn, name: str, balance: int) -> Account:
     if not name:
         raise OpenGLMError("an account needs a name")
+    _check_text("name", name)
     _check_count("balance", balance)
     if conn.execute(select(accounts.c.id).where(accounts.c.name == name)).first() is not None:
         raise OpenGLMError(f"an account named {name!r} already exists")
@@ -594,6 +618,9 @@ def _insert_key(conn, account_id: int, name: str | None = None, expires_at: date
                 max_concurrency: int | None = None, admin: bool = False) -> tuple[KeyInfo, str]:
     if conn.execute(select(accounts.c.id).where(accounts.c.id == account_id)).first() is None:
         raise OpenGLMError(f"no account with id {account_id}")
+    _check_text("name", name)
+    for model in models or ():
+        _check_text("models", model)
     for limit_name, limit in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
         if limit is not None:
             _check_count(limit_name, limit, 1)
@@ -609,6 +636,7 @@ def _insert_key(conn, account_id: int, name: str | None = None, expires_at: date
 
 
 def _set_price(conn, model: str, input_per_million: int, output_per_million: int) -> None:
+    _check_text("model", model)
     _check_count("input_per_million", input_per_million)
     _check_count("output_per_million", output_per_million)
     conn.execute(delete(prices).where(prices.c.model == model))
@@ -649,7 +677,7 @@ def _lock_setup(conn) -> None:
 
 
 def _price(conn, model: str) -> tuple[int, int]:
-
+    _check_text("model", model)
     row = conn.execute(select(prices.c.input_per_million, prices.c.output_per_million)
                        .where(prices.c.model == model)).first()
     return (0, 0) if row is None else (row[0], row[1])
@@ -684,6 +712,7 @@ def _admit(conn, key: KeyInfo, account, model: str, request_id: str | None, prom
     """``reserve``'s checks of a request on ``account`` (its row); returns (price, worst-case cost)."""
     if request_id is not None and len(request_id) > 128:
         raise OpenGLMError("request_id is longer than 128 characters")
+    _check_text("request_id", request_id)
     fresh = _key(conn.execute(select(api_keys).where(api_keys.c.id == key.id)).one())
     _check_live(fresh, now)
     if not fresh.allows(model):
@@ -704,7 +733,11 @@ def _admit(conn, key: KeyInfo, account, model: str, request_id: str | None, prom
 
 
 def _check_limits(conn, key: KeyInfo, tokens: int, now: datetime) -> None:
-    """Raise RateLimited if a request of ``tokens`` (worst case) would exceed the key's limits now."""
+    """Raise RequestTooLarge if a request of ``tokens`` (worst case) exceeds the key's tpm whatever the
+    time, RateLimited if it would exceed the key's limits now."""
+    if key.tpm is not None and tokens > key.tpm:
+        raise RequestTooLarge(f"request too large: {tokens} tokens (prompt + max_tokens) exceed the key's "
+                              f"limit of {key.tpm} tokens per minute; lower max_tokens")
     if key.max_concurrency is not None:
         running = conn.execute(select(func.count()).select_from(reservations)
                                .where(reservations.c.key_id == key.id)).scalar()
@@ -720,10 +753,6 @@ def _check_limits(conn, key: KeyInfo, tokens: int, now: datetime) -> None:
         raise RateLimited(f"rate limit reached: {key.rpm} requests per minute", "requests",
                           max((start + RATE_WINDOW - now).total_seconds(), 0.001))
     if key.tpm is not None:
-        if tokens > key.tpm:
-            raise RateLimited(f"request too large: {tokens} tokens (prompt + max_tokens) exceed the key's "
-                              f"limit of {key.tpm} tokens per minute; lower max_tokens", "tokens",
-                              RATE_WINDOW.total_seconds())
         excess = used + tokens - key.tpm
         if excess > 0:
             freed = 0

@@ -16,7 +16,7 @@ import sqlalchemy
 
 from openglm.errors import OpenGLMError
 from openglm.serve.store import (DEMO_BALANCE, DEMO_PRICE, AuthError, DuplicateRequest, InsufficientBalance,
-                                 ModelNotAllowed, RateLimited, Recovered, Store, cost_of)
+                                 ModelNotAllowed, RateLimited, Recovered, RequestTooLarge, Store, cost_of)
 
 REPO = Path(__file__).resolve().parents[2]
 PRICE = (1_000_000, 2_000_000)  # 1 unit per input token, 2 per output token
@@ -204,8 +204,22 @@ def test_tokens_per_minute(store):
     store.settle(store.reserve(key, "m", None, 10, 20, False), 10, 20, "length", 1)  # exactly 30 fits
     store.settle(running, 10, 0, "stop", 1)
     store.reserve(key, "m", None, 10, 20, False)  # real usage replaced running's worst case: 30 + 30 + 10 + 30
-    with pytest.raises(RateLimited, match="request too large"):
+    # Above the tpm whatever the window holds: never runnable, so not a (retriable) RateLimited.
+    with pytest.raises(RequestTooLarge, match="request too large") as e:
         store.reserve(key, "m", None, 50, 51, False)
+    assert not isinstance(e.value, RateLimited) and e.value.http_status == 400
+
+
+def test_sqlite_file_is_readable_by_its_owner_only(tmp_path):
+    path = tmp_path / "new" / "openglm.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        _account_and_key(store, 10)  # a write: the WAL and shared-memory files exist now
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+        assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    finally:
+        store.close()
 
 
 def test_concurrency_limit(store):
