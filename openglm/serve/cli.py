@@ -41,7 +41,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     secret = store.ensure_demo(name)
     app = create_app(None, store, name, None, admin_key=args.admin_key or os.environ.get("OPENGLM_ADMIN_KEY"),
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics, docs=args.docs)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     failure: list[BaseException] = []
@@ -111,7 +111,8 @@ def register(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB_URL, help="sqlite:///path.db or postgresql://user@host/db "
                                                         "(default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together (continuous batching)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before 503; one request of more choices (prompts x n) is a 400")
     p.add_argument("--preempt-tokens", type=int, default=64,
                    help="new prompts up to this many tokens are prefilled at once, between two layers of a "
                         "running step if need be (time to first token ~ one prefill); 0: they join the next step")
@@ -120,6 +121,12 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--admin-key", default=None, help="secret for the /admin routes (default: $OPENGLM_ADMIN_KEY; "
                                                      "keys created with --admin work too)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics to anyone (default: only to the admin key, e.g. a Prometheus "
+                        "scrape with an authorization bearer)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the API's Swagger UI at /docs and its spec at /openapi.json to anyone "
+                        "(default: no /docs; /openapi.json only to the admin key)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine in the server's process (default: a process of its own, so that the HTTP "

@@ -1,11 +1,12 @@
 """Request and response bodies of the HTTP API (pydantic): OpenAI's shapes, Zhipu's request fields, GLM infilling.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so that clients sending newer
-fields still work; every field we read is typed and bounded, so a bad value is a 422, never a crash.
+fields still work; every field we read is typed and bounded, so a bad value is a 400, never a crash.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,8 +18,35 @@ MAX_UNITS = 2**53  # money and ids stay exact in JSON numbers and far inside the
 MAX_LIMIT = 2**31
 
 
+# JSON may escape half of a UTF-16 surrogate pair ("\\udc80"); Python then holds a str that is not
+# Unicode text: no tokenizer, database or UTF-8 encoder takes it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 32  # nesting of free-form JSON (a tool's parameters schema): walked recursively downstream
+
+
+def _check_value(value: Any, depth: int = 0) -> None:
+    """Raise ValueError if ``value`` (str, or lists and dicts of them) holds a lone surrogate or nests
+    deeper than ``MAX_DEPTH``."""
+    if isinstance(value, str):
+        if not value.isascii() and (bad := _SURROGATE.search(value)):
+            raise ValueError(f"contains an unpaired UTF-16 surrogate (\\u{ord(bad.group()):04x}), which is not text")
+    elif isinstance(value, (list, dict)):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_DEPTH} levels")
+        for item in [*value, *value.values()] if isinstance(value, dict) else value:  # a dict: keys, values
+            _check_value(item, depth + 1)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, value):
+        """Every field of every request body holds only real text, nested to a bounded depth (nested
+        bodies check their own fields, so that the error names the innermost one: ``messages.0.content``)."""
+        _check_value(value)
+        return value
 
 
 def _stop_list(value: str | list[str] | None) -> list[str]:
@@ -45,12 +73,12 @@ class Tool(_Request):
     function: FunctionDef
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Request):  # in requests (an assistant turn) and in responses
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
+class ToolCall(_Request):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall

@@ -50,11 +50,12 @@ class LiveServer:
 @contextlib.contextmanager
 def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: int = 256, balance: int = 10**9,
             price: tuple[int, int] = (1_000_000, 2_000_000), admin_key: str | None = None,
-            engine_process: bool = True, **key_limits):
+            engine_process: bool = True, max_queue: int = 256, app_options: dict | None = None, **key_limits):
     """A live server for ``checkpoint`` on a fresh account; yields (server, store, secret, account id).
 
     The model id is "tiny"; the account's key has ``key_limits`` (rpm, tpm, max_concurrency, models).
     ``engine_process``: the engine runs in a process of its own, as ``openglm serve`` runs it (False: in this one).
+    ``app_options``: more keyword arguments of ``create_app`` (public_metrics, docs).
     """
     from openglm import load_model, load_tokenizer
     from openglm.serve.app import create_app
@@ -69,10 +70,12 @@ def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: in
     if engine_process:
         from openglm.serve.engine_process import EngineProcess
 
-        engine = EngineProcess(str(checkpoint), threads=1, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        engine = EngineProcess(str(checkpoint), threads=1, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                               max_queue=max_queue)
     else:
-        engine = Engine(load_model(checkpoint), tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-    app = create_app(engine, store, "tiny", tokenizer, admin_key=admin_key)
+        engine = Engine(load_model(checkpoint), tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                        max_queue=max_queue)
+    app = create_app(engine, store, "tiny", tokenizer, admin_key=admin_key, **(app_options or {}))
     try:
         with LiveServer(app) as server:
             yield server, store, secret, account.id

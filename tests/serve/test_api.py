@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import re
 import struct
 
 import httpx
@@ -26,21 +28,58 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "The General L
         "max_tokens": 8, "temperature": 0}
 
 
-def test_health_models_page_and_metrics(live):
-    server, *_ = live
+METRICS = ("openglm_num_requests_running", "openglm_num_requests_waiting", "openglm_prompt_tokens_total",
+           "openglm_generation_tokens_total", "openglm_time_to_first_token_seconds",
+           "openglm_inter_token_latency_seconds", "openglm_e2e_request_latency_seconds",
+           "openglm_request_queue_time_seconds")
+
+
+def test_every_api_route_needs_a_key_and_metrics_and_spec_an_admin_key(live):
+    server, store, secret, account_id = live
+    _, narrow = store.create_key(account_id, models=["other"])
     with httpx.Client(base_url=server.url) as c:
+        # Public: liveness and the chat page (which loads nothing from elsewhere: it streams from this server).
         assert c.get("/health").json() == {"status": "ok", "model": "tiny"}
-        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny"]
-        assert c.get("/v1/models/other").status_code == 404
         page = c.get("/")
-        # The chat page is self-contained: it streams from this server and loads nothing from elsewhere.
         assert page.status_code == 200 and "v1/chat/completions" in page.text and "://" not in page.text
-        metrics = c.get("/metrics").text
-        for name in ("openglm_num_requests_running", "openglm_num_requests_waiting", "openglm_prompt_tokens_total",
-                     "openglm_generation_tokens_total", "openglm_time_to_first_token_seconds",
-                     "openglm_inter_token_latency_seconds", "openglm_e2e_request_latency_seconds",
-                     "openglm_request_queue_time_seconds"):
-            assert name in metrics
+        for path in ("/v1/models", "/v1/models/tiny", "/v1/usage"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        user, admin = {"Authorization": f"Bearer {secret}"}, {"Authorization": "Bearer admin-secret"}
+        assert [m["id"] for m in c.get("/v1/models", headers=user).json()["data"]] == ["tiny"]
+        assert c.get("/v1/models/tiny", headers=user).json()["id"] == "tiny"
+        assert c.get("/v1/models/other", headers=user).status_code == 404
+        # A key limited to other models neither lists nor finds this one.
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {narrow}"}).json()["data"] == []
+        assert c.get("/v1/models/tiny", headers={"Authorization": f"Bearer {narrow}"}).status_code == 404
+        # Metrics and the spec: the admin key only; no docs page, no ReDoc.
+        for path in ("/metrics", "/openapi.json"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers=user).status_code == 403, path
+        assert all(name in c.get("/metrics", headers=admin).text for name in METRICS)
+        assert "/v1/chat/completions" in c.get("/openapi.json", headers=admin).json()["paths"]
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert c.get(path, headers=admin).status_code == 404, path
+
+
+def test_public_metrics_and_docs_load_nothing_from_the_network(tiny_checkpoint, tmp_path):
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'docs.db'}", engine_process=False,
+                 app_options={"public_metrics": True, "docs": True}) as (server, *_):
+        with httpx.Client(base_url=server.url) as c:
+            assert all(name in c.get("/metrics").text for name in METRICS)
+            spec = c.get("/openapi.json").json()
+            docs = c.get("/docs")
+            assets = re.findall(r'(?:href|src)="([^"]+)"', docs.text)
+            fetched = {a: c.get("/" + a) for a in assets}
+    assert docs.status_code == 200 and "://" not in docs.text
+    # Swagger UI's own files, served from here; and no spec validator call to validator.swagger.io.
+    assert sorted(assets) == ["docs/assets/favicon-32x32.png", "docs/assets/swagger-ui-bundle.js",
+                              "docs/assets/swagger-ui.css"]
+    assert all(r.status_code == 200 and r.content for r in fetched.values())
+    assert '"validatorUrl": null' in docs.text and "url: 'openapi.json'" in docs.text
+    # The spec declares the 400 that bad input gets, not FastAPI's 422.
+    responses = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "400" in responses and "422" not in responses and "HTTPValidationError" not in spec["components"]["schemas"]
 
 
 def test_chat_bills_the_usage_it_reports(live):
@@ -133,8 +172,9 @@ def test_zhipu_route_request_id_is_charged_once(live):
     assert again.status_code == 400 and again.json() == {"error": {"code": "1231", "message": again.json()["error"]
                                                                    ["message"]}}
     assert store.ledger_totals(account_id)["requests"] == requests
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "1211"
-    assert bad.status_code == 422 and bad.json()["error"]["code"] == "1210"
+    # Zhipu's statuses: an unknown model and a bad parameter are both 400, with Zhipu's codes.
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "1211"
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "1214"
 
 
 def test_errors_use_openai_objects_and_statuses(live):
@@ -147,10 +187,13 @@ def test_errors_use_openai_objects_and_statuses(live):
             "unknown model": (c.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "model_not_found"),
             "too long": (c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10**9}), 400,
                          "context_length_exceeded"),
-            "wrong type": (c.post("/v1/chat/completions", json={**CHAT, "temperature": "hot"}), 422, "invalid_value"),
-            "empty messages": (c.post("/v1/chat/completions", json={**CHAT, "messages": []}), 422, "invalid_value"),
+            # Validation errors are 400 invalid_request_error naming the parameter, as OpenAI sends them.
+            "wrong type": (c.post("/v1/chat/completions", json={**CHAT, "temperature": "hot"}), 400, "invalid_type"),
+            "empty messages": (c.post("/v1/chat/completions", json={**CHAT, "messages": []}), 400, "invalid_value"),
             "bad role": (c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "x", "content": "a"}]}),
-                         422, "invalid_value"),
+                         400, "invalid_value"),
+            "no model": (c.post("/v1/chat/completions", json={"messages": CHAT["messages"]}), 400,
+                         "missing_required_parameter"),
             "malformed": (c.post("/v1/chat/completions", content=b'{"model": ', headers={
                 "content-type": "application/json"}), 400, None),
             "not utf-8": (c.post("/v1/chat/completions", content=b'{"model": "\xff\xfe"}', headers={
@@ -164,6 +207,9 @@ def test_errors_use_openai_objects_and_statuses(live):
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], name
         assert error["code"] == code, name
+        if status == 400 and code:
+            assert error["type"] == "invalid_request_error", name
+    assert cases["wrong type"][0].json()["error"]["param"] == "temperature"
     with client(server, secret) as c:  # the server is still fine
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -213,3 +259,66 @@ def test_admin_routes(live):
         assert c.delete(f"/admin/keys/{key['id']}", headers=admin).status_code == 200
         revoked = c.get("/v1/usage", headers={"Authorization": f"Bearer {key['secret']}"})
         assert revoked.status_code == 401
+
+
+def _local_port(response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_unpaired_surrogates_are_400_and_keep_the_connection(live):
+    """"\\udc80" is valid JSON but not text: every text field answers 400 naming it, on a connection that stays."""
+    server, store, secret, account_id = live
+    bad = "a\udc80b"
+    requests = [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": bad}]}, "messages.0.content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": bad}]}]},
+         "messages.0.content"),
+        ("/v1/chat/completions", {**CHAT, "stop": [bad]}, "stop"),
+        ("/v1/chat/completions", {**CHAT, "model": bad}, "model"),
+        ("/v1/completions", {"model": "tiny", "prompt": bad, "max_tokens": 2}, "prompt"),
+        ("/v1/embeddings", {"model": "tiny", "input": [bad]}, "input"),
+        ("/v1/infill", {"model": "tiny", "prompt": bad + " [MASK]"}, "prompt"),
+        ("/api/paas/v4/chat/completions", {**CHAT, "request_id": bad * 4}, "request_id"),
+        ("/api/paas/v4/chat/completions", {**CHAT, "messages": [{"role": "user", "content": bad}]},
+         "messages.0.content"),
+    ]
+    before = store.ledger_totals(account_id)
+    with client(server, secret) as c:
+        port = _local_port(c.get("/health"))
+        for path, body, param in requests:
+            # escaped as \udc80, as Python's json.dumps and JavaScript's JSON.stringify send it
+            r = c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.text)
+            error = r.json()["error"]
+            assert "surrogate" in error["message"] or "unicode" in error["message"], (path, error)
+            if path.startswith("/v1/"):
+                assert error["param"].startswith(param) and error["type"] == "invalid_request_error", (path, error)
+            else:
+                assert error["code"] == "1214", error
+            assert _local_port(r) == port, path  # the keep-alive connection was not dropped
+        # A paired surrogate (an emoji outside the BMP, escaped as \\ud83d\\ude00) is text.
+        assert c.post("/v1/chat/completions", json={**CHAT, "messages": [
+            {"role": "user", "content": "\U0001f600"}]}).status_code == 200
+    assert store.ledger_totals(account_id)["requests"] == before["requests"] + 1
+
+
+def test_rate_limit_headers_on_every_billed_route(live):
+    server, store, _, account_id = live
+    _, secret = store.create_key(account_id, rpm=100, tpm=100_000)
+    routes = [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 2}),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 2, "stream": True}),
+        ("/api/paas/v4/chat/completions", {**CHAT, "max_tokens": 2}),
+        ("/v1/completions", {"model": "tiny", "prompt": "It reads", "max_tokens": 2}),
+        ("/v1/embeddings", {"model": "tiny", "input": "blank infilling"}),
+        ("/v1/infill", {"model": "tiny", "prompt": "The model fills [MASK] in text.", "max_tokens": 2}),
+    ]
+    with client(server, secret) as c:
+        for i, (path, body) in enumerate(routes):
+            r = c.post(path, json=body)
+            assert r.status_code == 200, (path, r.text)
+            assert r.headers["x-ratelimit-limit-requests"] == "100", path
+            assert r.headers["x-ratelimit-remaining-requests"] == str(100 - i - 1), path
+            assert r.headers["x-ratelimit-limit-tokens"] == "100000", path
+            assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100_000, path
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s"), path

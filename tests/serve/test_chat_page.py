@@ -43,11 +43,12 @@ def test_chat_page_streams_an_answer_and_bills_it(tiny_checkpoint, tmp_path):
         with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'page.db'}") as (server, store, secret, aid):
             wait = WebDriverWait(browser, 60)
             browser.get(server.url + "/")
-            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))  # /v1/models answered
-            assert browser.find_element(By.ID, "model").get_attribute("value") == "tiny"
 
-            # A wrong key: the page shows the API's error, nothing is billed.
+            # A wrong key: no models are listed (listing needs a key), the page shows the API's error,
+            # nothing is billed.
             browser.find_element(By.ID, "key").send_keys("sk-glm-wrong", Keys.TAB)
+            wait.until(lambda b: "key" in b.find_element(By.ID, "status").text.lower())
+            assert browser.find_elements(By.CSS_SELECTOR, "#model option") == []
             browser.find_element(By.ID, "input").send_keys("Hello", Keys.ENTER)
             error = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.error"))[0]
             assert "key" in error.text.lower()
@@ -56,6 +57,8 @@ def test_chat_page_streams_an_answer_and_bills_it(tiny_checkpoint, tmp_path):
             key = browser.find_element(By.ID, "key")
             key.clear()
             key.send_keys(secret, Keys.TAB)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))  # /v1/models answered the key
+            assert browser.find_element(By.ID, "model").get_attribute("value") == "tiny"
             browser.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
             status = wait.until(lambda b: re.fullmatch(r"(\d+) prompt \+ (\d+) completion tokens",
                                                        b.find_element(By.ID, "status").text))

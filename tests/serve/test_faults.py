@@ -30,7 +30,8 @@ def metric(server_url: str, name: str) -> float:
 
 
 def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path, capfd):
-    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'cut.db'}", max_seq_len=320) as (server, store, secret, aid):
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'cut.db'}", max_seq_len=320,
+                 app_options={"public_metrics": True}) as (server, store, secret, aid):
         auth = {"Authorization": f"Bearer {secret}"}
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "temperature": 0}
         started = time.monotonic()

@@ -65,8 +65,11 @@ def test_errors_map_to_client_exceptions(live, tiny_checkpoint, tmp_path):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=100_000)
     assert e.value.code == "context_length_exceeded"
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError) as e:  # validation: 400 as OpenAI sends it, not 422
         c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, temperature=5)
+    assert e.value.code == "invalid_value" and e.value.param == "temperature"
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "sk-glm-wrong").models.list()
     _, narrow = store.create_key(account_id, models=["other"])
     with pytest.raises(openai.PermissionDeniedError):
         client(server, narrow).chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
@@ -131,3 +134,26 @@ def test_tool_calls(tool_checkpoint, tmp_path):
                    {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
         again = c.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=20, temperature=0)
         assert again.usage.prompt_tokens > reply.usage.prompt_tokens
+
+
+def test_requests_that_can_never_fit_are_400_and_retriable_429s_say_when(live):
+    """A 503 or 429 tells a client to retry: only for what can succeed later, and with the wait."""
+    server, store, secret, account_id = live
+    c = client(server, secret)
+    # More generations (prompts x n) than the engine queues at once (256 by default): never runnable.
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=["It reads"] * 64, n=5, max_tokens=1)
+    assert e.value.code == "request_too_large" and "320" in e.value.message
+    # prompt + max_tokens above the key's tokens per minute: never runnable either.
+    _, small = store.create_key(account_id, tpm=50)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server, small).chat.completions.create(model="tiny", messages=HELLO, max_tokens=60)
+    assert e.value.code == "request_too_large" and "retry-after" not in e.value.response.headers
+    # Retriable: one request per minute, the second one waits; the 429 says how long.
+    _, slow = store.create_key(account_id, rpm=1)
+    client(server, slow).chat.completions.create(model="tiny", messages=HELLO, max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as e:
+        client(server, slow).chat.completions.create(model="tiny", messages=HELLO, max_tokens=1)
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
+    assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert store.open_reservations(account_id) == []
