@@ -116,7 +116,7 @@ def test_nothing_left_reserved(live):
     assert store.open_reservations(account_id) == []
 
 
-def test_admin_price_path_with_nul(live):
+def test_nul_in_a_price_path_is_400_on_every_database(live):
     c, _, _, _ = live
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     for r in (c.get("/admin/prices/a%00b", headers=admin),
