@@ -49,7 +49,7 @@ def test_concurrent_requests_get_what_each_gets_alone(moe_checkpoint, tokenizer,
                 return await c.post("/v1/completions", json=body)
             return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
 
-    server = ServerProcess(moe_checkpoint, url, "--max-batch-size", "4")
+    server = ServerProcess(moe_checkpoint, url, "--max-batch-size", "4", "--public-metrics")
     try:
         server.wait_ready()
         responses = asyncio.run(clients(server.url))
