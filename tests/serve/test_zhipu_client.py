@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import zhipuai
 from live_server import LiveServer, serving
-
-zhipuai = pytest.importorskip("zhipuai")
-from zhipuai.core import _errors as errors  # noqa: E402  (the client's error classes, by HTTP status)
+from zhipuai.core import _errors as errors  # the client's error classes, by HTTP status
 
 HELLO = [{"role": "user", "content": "The General Language Model"}]
 
