@@ -168,6 +168,8 @@ def test_zhipu_route_request_id_is_charged_once(live):
         again = c.post("/api/paas/v4/chat/completions", json=body)
         unknown = c.post("/api/paas/v4/chat/completions", json={**body, "model": "glm-5", "request_id": "x" * 8})
         bad = c.post("/api/paas/v4/chat/completions", json={**body, "messages": []})
+        huge = c.post("/api/paas/v4/chat/completions", content=b" " * 2_000_000,
+                      headers={"content-type": "application/json"})
     assert first.status_code == 200 and first.json()["request_id"] == "zhipu-req-0001"
     assert again.status_code == 400 and again.json() == {"error": {"code": "1231", "message": again.json()["error"]
                                                                    ["message"]}}
@@ -175,6 +177,7 @@ def test_zhipu_route_request_id_is_charged_once(live):
     # Zhipu's statuses: an unknown model and a bad parameter are both 400, with Zhipu's codes.
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "1211"
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "1214"
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "1210"  # Zhipu has no 413 for a body
 
 
 def test_errors_use_openai_objects_and_statuses(live):
