@@ -84,7 +84,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("convert", help="convert a checkpoint to another layout",
                        description="Convert SOURCE (a ChatGLM2/3 safetensors checkpoint) into the Hugging Face glm layout "
-                                   "openglm uses (--to hf), or an openglm GLM-4 (glm4) checkpoint into one GGUF file "
+                                   "openglm uses (--to hf), or an openglm GLM-4 (glm4) or GLM-4.5 MoE (glm4_moe) checkpoint into one GGUF file "
                                    "for llama.cpp (--to gguf).")
     p.add_argument("source", help="checkpoint directory (or bundled name, for --to gguf)")
     p.add_argument("-o", "--output", required=True, help="output directory (hf) or file (gguf)")

@@ -1,8 +1,11 @@
-"""Export a GLM-4 (``glm4``) checkpoint to GGUF for llama.cpp, with the ``gguf`` package.
+"""Export a GLM-4 (``glm4``) or GLM-4.5 MoE (``glm4_moe``) checkpoint to GGUF for llama.cpp, with the ``gguf`` package.
 
-Tensor names come from ``gguf``'s own map for llama.cpp's ``glm4`` architecture (the one
-``convert_hf_to_gguf.py`` uses); GLM rotates interleaved pairs, which is llama.cpp's "normal" rope
-for ``glm4``, so query/key weights need no permutation. The tokenizer is written as a GPT-2 style
+Tensor names come from ``gguf``'s own map for llama.cpp's ``glm4`` and ``glm4moe`` architectures (the
+ones ``convert_hf_to_gguf.py`` uses); GLM-4 rotates interleaved pairs, which is llama.cpp's "normal"
+rope for ``glm4``, and ``glm4_moe`` the two halves, llama.cpp's "neox" rope for ``glm4moe``, so
+query/key weights need no permutation. MoE experts go out stacked (``ffn_{gate,up,down}_exps``, the
+fused gate/up split in two), the router (``ffn_gate_inp``) and its correction bias (``exp_probs_b``)
+in f32 whatever the type. The tokenizer is written as a GPT-2 style
 byte-level BPE (tokens, merges, token types, special ids by name); its pre-tokenizer split is the
 one llama.cpp calls ``qwen2`` (letters, single digits, punctuation runs), which ours equals.
 Weight matrices are stored as ``f32``, ``f16``, ``q8_0`` or ``q4_0`` (``gguf.quants``); norms and
@@ -78,15 +81,18 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     if getattr(model, "quantization", None) is not None:
         raise OpenGLMError(f"{directory} is quantized ({model.quantization.label}); export the full-precision "
                            "checkpoint and choose --gguf-type q8_0 or q4_0 instead")
-    if not c.post_norms or c.position_encoding_2d:
-        raise OpenGLMError("GGUF export handles the GLM-4-0414 (`glm4`) architecture only")
+    if c.model_type not in ("glm4", "glm4_moe") or c.position_encoding_2d:
+        raise OpenGLMError("GGUF export handles the GLM-4-0414 (`glm4`) and GLM-4.5 MoE (`glm4_moe`) architectures only")
+    if c.n_group > 1:
+        raise OpenGLMError(f"GGUF export of group-limited routing (n_group={c.n_group}) is not supported: "
+                           "llama.cpp's glm4moe routes over all experts")
     if not (directory / "tokenizer.json").is_file():
         raise OpenGLMError(f"no tokenizer.json in {directory}; GGUF files carry their tokenizer")
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    arch = gguf.MODEL_ARCH.GLM4
+    arch = gguf.MODEL_ARCH.GLM4_MOE if c.num_experts else gguf.MODEL_ARCH.GLM4
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(c.name)
     writer.add_context_length(c.max_position_embeddings)
@@ -100,6 +106,16 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     writer.add_rope_dimension_count(c.rotary_dim)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if c.num_experts:
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_shared_count(c.num_shared_experts)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_leading_dense_block_count(c.first_k_dense_replace)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_weights_scale(c.routed_scaling_factor)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+        writer.add_nextn_predict_layers(0)
     qtype = getattr(gguf.GGMLQuantizationType, out_type.upper())
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[out_type])
@@ -107,7 +123,7 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     _tokenizer_metadata(writer, directory, c.vocab_size)
 
     names = gguf.get_tensor_name_map(arch, c.num_layers)
-    state = model.state_dict()
+    state = _moe_names(model.state_dict()) if c.num_experts else model.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")  # llama.cpp reuses token_embd when there is no output tensor
     for name, t in state.items():
@@ -115,8 +131,8 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
         if new_name is None:
             raise OpenGLMError(f"no GGUF name for tensor {name}")
         data = t.detach().float().numpy()
-        if data.ndim == 1:
-            writer.add_tensor(new_name, data)  # norms and biases: f32
+        if data.ndim == 1 or ".ffn_gate_inp." in new_name:
+            writer.add_tensor(new_name, data)  # norms, biases and the router: f32
         elif out_type == "f16":
             writer.add_tensor(new_name, data.astype(np.float16))
         elif out_type == "f32":
@@ -135,3 +151,22 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
         tmp.unlink(missing_ok=True)
         raise  # a crash never leaves a half-written file under the final name
     return output
+
+
+def _moe_names(state: dict) -> dict:
+    """A ``glm4_moe`` state dict under the names ``gguf``'s map knows (those ``convert_hf_to_gguf.py``
+    gives merged experts): fused gate/up projections (dense, shared and stacked experts) split in two,
+    ``.weight`` on the stacked experts, the correction bias as ``e_score_correction.bias``."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # stacked: HF names without ".weight"
+            name += ".weight"
+        if name.endswith("gate_up_proj.weight"):
+            gate, up = t.chunk(2, dim=-2)
+            out[name.replace("gate_up_proj", "gate_proj")] = gate
+            out[name.replace("gate_up_proj", "up_proj")] = up
+        elif name.endswith("e_score_correction_bias"):
+            out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = t
+        else:
+            out[name] = t
+    return out
