@@ -132,42 +132,74 @@ def hf_pieces(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# safetensors dtype names (the format's header) -> torch dtypes
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_entries(fh, path: Path) -> list[tuple[str, torch.dtype, list[int], int]]:
+    """``(name, dtype, shape, absolute offset)`` of each tensor of an open safetensors file, in file order."""
+    try:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        entries = [(name, _ST_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0])
+                   for name, e in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise OpenGLMError(f"cannot read {path}: not a safetensors file ({e})") from None
+    return sorted(entries, key=lambda entry: entry[3])
+
+
+def _read_into(fh, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
+    """Read ``out``'s bytes (a contiguous tensor) from ``offset`` straight into it."""
+    fh.seek(offset)
+    if fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != out.numel() * out.element_size():
+        raise OpenGLMError(f"cannot read {path}: {name} is truncated")
+
+
 def read_moe_safetensors(files: list[Path], expected: dict[str, torch.Size], num_layers: int,
                          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Read a ``glm4_moe`` checkpoint into our layout, each HF piece copied into its stacked tensor as it
-    is read (so the experts are never held twice). The router stays float32; tensors of layers past
-    ``num_layers`` (the published multi-token-prediction layer) are skipped, as ``transformers`` does.
+    """Read a ``glm4_moe`` checkpoint into our layout, each HF piece read straight into its place in the
+    stacked tensor (with plain reads: a memory map would keep every piece resident beside its copy
+    until the file closes, so the experts would be held twice). The router stays float32; tensors of
+    layers past ``num_layers`` (the published multi-token-prediction layer) are skipped, as
+    ``transformers`` does.
     """
     state, filled = {}, {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    layer = _LAYER.match(name)
-                    if layer and int(layer[1]) >= num_layers:
-                        continue
-                    t = sf.get_tensor(name)
-                    want = torch.float32 if ROUTER_TENSOR.search(name) else dtype
-                    if want is not None and t.is_floating_point():
-                        t = t.to(want)
-                    piece = moe_piece(name)
-                    if piece is None or piece[0] not in expected:
-                        state[name] = t
-                        continue
-                    ours, expert, half = piece
-                    if expert is not None and expert >= expected[ours][0]:
-                        raise OpenGLMError(f"{f}: {name} names expert {expert}, its config has {expected[ours][0]}")
-                    if ours not in state:
-                        state[ours] = torch.empty(expected[ours], dtype=t.dtype)
-                        filled[ours] = set()
-                    index = _piece_index(expert, half, expected[ours][-2])
-                    target = state[ours][index]
-                    if target.shape != t.shape:
-                        raise OpenGLMError(f"{f}: {name} has shape {tuple(t.shape)}, its config wants {tuple(target.shape)}")
-                    target.copy_(t)
-                    filled[ours].add((expert, half))
-        except (OSError, SafetensorError) as e:  # truncated or foreign files
+            fh = open(f, "rb")
+        except OSError as e:
             raise OpenGLMError(f"cannot read {f}: {e}") from None
+        with fh:
+            for name, stored, shape, offset in _safetensors_entries(fh, f):
+                layer = _LAYER.match(name)
+                if layer and int(layer[1]) >= num_layers:
+                    continue
+                want = torch.float32 if ROUTER_TENSOR.search(name) else dtype
+                want = want if want is not None and stored.is_floating_point else stored
+                piece = moe_piece(name)
+                if piece is None or piece[0] not in expected:
+                    t = torch.empty(shape, dtype=stored)
+                    _read_into(fh, offset, t, f, name)
+                    state[name] = t.to(want)
+                    continue
+                ours, expert, half = piece
+                if expert is not None and expert >= expected[ours][0]:
+                    raise OpenGLMError(f"{f}: {name} names expert {expert}, its config has {expected[ours][0]}")
+                if ours not in state:
+                    state[ours] = torch.empty(expected[ours], dtype=want)
+                    filled[ours] = set()
+                target = state[ours][_piece_index(expert, half, expected[ours][-2])]  # a contiguous view
+                if tuple(target.shape) != tuple(shape):
+                    raise OpenGLMError(f"{f}: {name} has shape {tuple(shape)}, its config wants {tuple(target.shape)}")
+                if target.dtype == stored:
+                    _read_into(fh, offset, target, f, name)
+                else:  # one expert's piece at a time in the stored dtype
+                    t = torch.empty(shape, dtype=stored)
+                    _read_into(fh, offset, t, f, name)
+                    target.copy_(t)
+                filled[ours].add((expert, half))
     for ours, got in filled.items():
         pieces = next(p for pattern, p in SPLIT_PIECES if re.fullmatch(pattern, ours))
         want = len(pieces) * (expected[ours][0] if "{e}" in pieces[0][0] else 1)

@@ -166,3 +166,15 @@ def test_config_json_round_trips_through_transformers(tmp_path):
     assert hf.routed_scaling_factor == 1.5 and hf.num_nextn_predict_layers == 0
     assert Config.from_file(tmp_path) == config
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Glm4MoeForCausalLM"]
+
+
+def test_truncated_or_foreign_moe_checkpoint_is_a_clear_error(tmp_path):
+    hf_moe("odd", seed=10).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(OpenGLMError, match="cannot read .*model.safetensors"):
+        load_model(tmp_path)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(OpenGLMError, match="cannot read .*model.safetensors"):
+        load_model(tmp_path)
