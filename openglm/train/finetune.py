@@ -52,7 +52,7 @@ from .loop import (
     resume,
     run_steps,
 )
-from .parallel import Distributed, apply_activation_checkpointing, init_distributed, parallelize
+from .parallel import Distributed, apply_activation_checkpointing, init_distributed, parallelize, shutdown_distributed
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune", "merge_adapter", "read_conversations",
            "tokenize_conversation", "ChatBatches", "pack_in_order"]
@@ -321,7 +321,7 @@ def finetune(s: FinetuneSettings) -> FinetuneResult:
         return _finetune(s, world)
     finally:
         if world.world_size > 1:
-            torch.distributed.destroy_process_group()
+            shutdown_distributed()
 
 
 def _check_settings(s: FinetuneSettings, world: Distributed) -> None:

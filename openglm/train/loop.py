@@ -51,6 +51,7 @@ from .parallel import (
     gradient_sync,
     init_distributed,
     parallelize,
+    shutdown_distributed,
 )
 from .settings import PretrainSettings
 
@@ -520,7 +521,7 @@ def pretrain(s: PretrainSettings) -> PretrainResult:
         return _pretrain(s, world)
     finally:
         if world.world_size > 1:
-            torch.distributed.destroy_process_group()
+            shutdown_distributed()
 
 
 # What a run writes besides its checkpoints; a new run that fails before its first checkpoint removes them.

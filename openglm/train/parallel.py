@@ -62,6 +62,27 @@ def init_distributed(device: str | None = None) -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process groups, ending their threads here rather than during interpreter exit.
+
+    FSDP2's DTensors leave their ``DeviceMesh``, and with it the process group, in DTensor's sharding
+    and redistribution caches. While those hold it, ``destroy_process_group`` only unregisters the group:
+    gloo's worker and TCP threads keep running into interpreter finalization, where a C++ thread that
+    needs the interpreter lock aborts the process ("terminate called without an active exception").
+    Emptying the caches first lets the group be destroyed, and its threads joined, by this call.
+    """
+    import gc
+
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug
+
+    debug._clear_sharding_prop_cache()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    gc.collect()  # the meshes sit in reference cycles
+    dist.destroy_process_group()
+
+
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
     """The GLM decoder layers inside ``module``, in order."""
     from ..model.glm import DecoderLayer
