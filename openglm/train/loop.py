@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -219,15 +220,17 @@ def _write_run_json(run_dir: Path, record: dict) -> None:
 class _StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to save and stop after the current step.
 
-    A second signal interrupts at once.
+    A second signal interrupts at once, except under torchrun: its agent passes the user's Ctrl-C on
+    to the workers, which already had it, and kills them itself if they take too long to save.
     """
 
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and not self._under_torchrun:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -247,6 +250,29 @@ def _batch_inputs(batch: dict, two_d: bool, device: torch.device) -> tuple[torch
     positions = batch["position_ids"] if two_d else batch["position_ids_1d"]
     return tuple(t.to(device, non_blocking=True) for t in (batch["input_ids"], positions,
                                                            batch["attention_mask"], batch["targets"]))
+
+
+def clip_grad_norm(module: nn.Module, clip: float) -> float:
+    """The global gradient norm, accumulated in float64, and gradients scaled to at most ``clip`` (0: no clipping).
+
+    ``torch.nn.utils.clip_grad_norm_`` sums the squares in float32: on glm-tiny its norm was 6.5e-5
+    (relative) off the exact one, and off by a different amount when FSDP sums the same gradients
+    shard by shard, so clipping scaled FSDP's update differently from the first step on. In float64
+    the norms of one process and of FSDP agree to 1e-8.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    total = torch.linalg.vector_norm(norms)
+    if hasattr(total, "full_tensor"):  # a DTensor under FSDP: the sum over the shards
+        total = total.full_tensor()
+    total = float(total)
+    if clip > 0 and total > 0:
+        coef = min(1.0, clip / (total + 1e-6))  # as torch.nn.utils.clip_grad_norm_ does
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return total
 
 
 def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: float, clip: float,
@@ -270,9 +296,7 @@ def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: 
         loss_sum += loss.item()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip if clip > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_grad_norm(module, clip)
     if scaler is None:
         optimizer.step()
     else:

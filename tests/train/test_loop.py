@@ -124,3 +124,47 @@ def test_ctrl_c_saves_and_resumes(data_dir, tmp_path):
     done = subprocess.run([*cmd[:11], str(step + 2), *cmd[12:], "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sorted(losses(run)) == list(range(1, step + 3))
+
+
+def test_gradient_norm_is_exact_on_glm_tiny(tmp_path):
+    # glm-tiny's gradients: float32 summing (torch's clip_grad_norm_) was 6.5e-5 off the exact norm
+    import torch
+
+    from openglm import Config, GLMForCausalLM
+    from openglm.train.loop import PretrainLoss, clip_grad_norm
+
+    torch.manual_seed(0)
+    module = PretrainLoss(GLMForCausalLM.from_config(Config.from_name("glm-tiny"), seed=0))
+    ids = torch.randint(0, 16384, (4, 64))
+    positions = torch.arange(64).expand(4, 64)
+    module(ids, positions, None, ids.roll(-1, 1)).backward()  # causal
+    grads = [p.grad.clone() for p in module.parameters()]
+    exact = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert clip_grad_norm(module, 1.0) == pytest.approx(exact, rel=1e-12)
+    # clipped to the clip, in the same direction
+    clipped = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in module.parameters()))
+    assert clipped == pytest.approx(1.0, rel=1e-5)
+    assert all(torch.allclose(p.grad, g / exact, rtol=1e-5, atol=0) for p, g in zip(module.parameters(), grads))
+
+
+def test_fp16_with_a_gradient_scaler_resumes_exactly(settings, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    pretrain(settings(straight, steps=4, fp16=True, device="cpu"))
+    pretrain(settings(halves, steps=4, fp16=True, stop_after=2))
+    state = checkpointing.load_checkpoint(halves / "checkpoint")[2]
+    assert state["scaler"]["scale"] > 0  # the scaler's state travels with the checkpoint
+    pretrain(settings(halves, steps=4, fp16=True, resume=True))
+    assert losses(halves) == losses(straight) and all(math.isfinite(v) for v in losses(straight).values())
+
+
+def test_device_errors_are_one_line(settings, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(OpenGLMError, match="sees no CUDA GPU"):
+        pretrain(settings(tmp_path / "run", device="cuda"))
+    with pytest.raises(OpenGLMError, match="unknown device"):
+        pretrain(settings(tmp_path / "run", device="gpu0"))
+    with pytest.raises(OpenGLMError, match="choose one of --bf16 and --fp16"):
+        pretrain(settings(tmp_path / "run", bf16=True, fp16=True))
