@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per request: each one is a full engine request
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -53,6 +54,13 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def _unsupported(message: str) -> PydanticCustomError:
+    """A field that would change the answer in a way this server cannot honour (``suffix``, ``best_of``,
+    ``dimensions``, a JSON ``response_format``, ``tool_choice`` with no tools): declared so that it is
+    refused by name, never silently ignored as unknown fields are."""
+    return PydanticCustomError("unsupported", message)
 
 
 _TokenId = Annotated[int, Field(ge=0, lt=MAX_LIMIT)]
@@ -110,6 +118,35 @@ class ChatMessage(_Request):
         return out
 
 
+class ResponseFormat(_Request):
+    type: str
+
+
+def _text_format_only(cls, value: ResponseFormat | None):
+    if value is not None and value.type != "text":
+        raise _unsupported(f'only {{"type": "text"}} is supported: this server cannot constrain the output to '
+                           f'{value.type!r}')
+    return value
+
+
+def _tool_results_follow_calls(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+    """A tool result answers a call: it must follow an assistant message with ``tool_calls`` (other results
+    of the same calls between them), and its ``tool_call_id``, if any, must name one of those calls."""
+    calls: list[ToolCall] | None = None  # the calls of the assistant message that results may answer
+    for i, m in enumerate(messages):
+        if m.role in ("tool", "observation"):
+            if not calls:
+                raise PydanticCustomError("invalid_value", f"message {i} (role {m.role!r}) is a tool result with "
+                                          "no preceding assistant message with tool_calls")
+            ids = {c.id for c in calls if c.id is not None}
+            if m.tool_call_id is not None and ids and m.tool_call_id not in ids:
+                raise PydanticCustomError("invalid_value", f"message {i}: tool_call_id {m.tool_call_id!r} answers "
+                                          "none of the preceding tool_calls")
+        else:
+            calls = m.tool_calls if m.role == "assistant" else None
+    return messages
+
+
 class _Sampling(_Request):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -139,7 +176,22 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
+
+    _messages = field_validator("messages")(_tool_results_follow_calls)
+    _response_format = field_validator("response_format")(_text_format_only)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value, info: ValidationInfo):
+        if value is None or "tools" not in info.data:  # (tools failed validation: that error is enough)
+            return value
+        if not info.data["tools"]:
+            raise _unsupported("only allowed when tools are given")
+        if value not in ("auto", "none"):  # "required" or a named function: nothing forces the model to call
+            raise _unsupported('only "auto" and "none" are supported: this server cannot force a tool call')
+        return value
 
     @property
     def token_limit(self) -> int | None:
@@ -164,6 +216,17 @@ class ZhipuChatRequest(_Sampling):
     top_p: Annotated[float, Field(gt=0, lt=1)] = 0.7
     tools: list[Tool] | None = None
     tool_choice: Literal["auto"] | None = None
+    response_format: ResponseFormat | None = None
+
+    _messages = field_validator("messages")(_tool_results_follow_calls)
+    _response_format = field_validator("response_format")(_text_format_only)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value, info: ValidationInfo):
+        if value is not None and "tools" in info.data and not info.data["tools"]:
+            raise _unsupported("only allowed when tools are given")
+        return value
 
 
 class CompletionRequest(_Sampling):
@@ -182,7 +245,23 @@ class CompletionRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=0, lt=MAX_LIMIT)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     user: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:  # a suffix asks for text inserted before it: /v1/infill fills blanks instead
+            raise _unsupported("not supported; use /v1/infill to fill a blank inside a text")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n", 1):
+            raise _unsupported("not supported (only best_of equal to n, which returns every choice)")
+        return value
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -201,7 +280,15 @@ class EmbeddingRequest(_Request):
             | Annotated[list[Annotated[list[Annotated[int, Field(ge=0, lt=MAX_LIMIT)]], Field(min_length=1)]],
                         Field(min_length=1, max_length=256)])
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
     user: str | None = None
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value):
+        if value is not None:  # the vector is the model's hidden state: its width is not a choice
+            raise _unsupported("not supported: this model's embeddings have one fixed width")
+        return value
 
     @field_validator("input")
     @classmethod

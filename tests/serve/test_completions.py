@@ -1,4 +1,5 @@
-"""``/v1/completions`` for evaluation harnesses: token-id prompts, ``echo`` with prompt logprobs, ``max_tokens: 0``."""
+"""``/v1/completions`` for evaluation harnesses: token-id prompts, ``echo`` with prompt logprobs, ``max_tokens: 0``;
+and request fields the server cannot honour, refused by name."""
 
 from __future__ import annotations
 
@@ -120,3 +121,51 @@ def test_echo_puts_the_prompt_first(live):
             "model": "tiny", "prompt": TEXT, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True}) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]" and [e["choices"][0]["text"] for e in events[:-1]] == [TEXT]
+
+
+def test_unsupported_fields_are_refused_by_name(live):
+    server, _, secret, _ = live
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    tools = [{"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {}}}}]
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "time", "arguments": "{}"}}]}
+    refused = {
+        "suffix": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "suffix": "b"}),
+        "best_of": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "best_of": 3}),
+        "dimensions": ("/v1/embeddings", {"model": "tiny", "input": "a", "dimensions": 8}),
+        "response_format": ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}),
+        "tool_choice": ("/v1/chat/completions", {**chat, "tool_choice": "auto"}),
+        "messages": ("/v1/chat/completions", {**chat, "messages": [{"role": "tool", "content": "12:00"}]}),
+    }
+    zhipu_refused = {
+        "response_format": {**chat, "response_format": {"type": "json_object"}},
+        "tool_choice": {**chat, "tool_choice": "auto"},
+        "messages": {**chat, "messages": [*chat["messages"], {"role": "tool", "content": "12:00"}]},
+    }
+    accepted = {
+        "suffix null": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "suffix": None}),
+        "best_of = n": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "best_of": 2, "n": 2}),
+        "text format": ("/v1/chat/completions", {**chat, "response_format": {"type": "text"}}),
+        "no tools used": ("/v1/chat/completions", {**chat, "tools": tools, "tool_choice": "none"}),
+        "a result after its call": ("/v1/chat/completions", {**chat, "messages": [
+            *chat["messages"], call, {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]}),
+    }
+    with http(server, secret) as h:
+        for field, (path, body) in refused.items():
+            r = h.post(path, json=body)
+            error = r.json()["error"]
+            assert (r.status_code, error["type"], error["param"]) == (400, "invalid_request_error", field), r.text
+            assert error["message"].startswith(field), error
+        for field, body in zhipu_refused.items():
+            r = h.post("/api/paas/v4/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "1214", r.text  # Zhipu: a bad parameter
+            assert r.json()["error"]["message"].startswith(field)
+        for name, (path, body) in accepted.items():
+            assert h.post(path, json=body).status_code == 200, name
+    # Named calls that answer nothing, and choices the model cannot be held to.
+    with http(server, secret) as h:
+        stray = h.post("/v1/chat/completions", json={**chat, "messages": [
+            *chat["messages"], call, {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}]})
+        assert stray.status_code == 400 and "call_2" in stray.json()["error"]["message"]
+        forced = h.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": "required"})
+        assert forced.status_code == 400 and forced.json()["error"]["param"] == "tool_choice"
