@@ -813,7 +813,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
     # ------------------------------------------------------------------------ completions
 
     @app.post("/v1/completions", response_model=S.Completion, responses={200: {"content": {"text/event-stream": {}}}})
-    async def completions(request: Request, body: S.CompletionRequest, key=auth):
+    async def completions(request: Request, response: Response, body: S.CompletionRequest, key=auth):
         """OpenAI (legacy) text completions of a prompt or a list of prompts (texts or token ids).
 
         ``echo`` returns each prompt before its completion; with ``logprobs`` too, the prompt tokens'
@@ -850,9 +850,9 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
             return _sse(data)
 
         if max_new == 0:  # nothing to generate: the prompts (scored if asked), billed as prompt tokens
-            entries, usage, rid = await exclusive(key, sum(map(len, prompts)), 0, None, _prompt_logprobs,
+            entries, usage, rid = await exclusive(response, key, sum(map(len, prompts)), 0, None, _prompt_logprobs,
                                                   srv.engine.model, prompts if scored else [], body.logprobs or 0)
-            headers = await srv.rate_limit_headers(key)
+            headers = dict(response.headers)  # the key's rate-limit headers
             if scored:
                 prefixes = entries
             out = [{"index": i, "text": echoed[i // body.n], "finish_reason": "length",
