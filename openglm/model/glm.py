@@ -178,7 +178,10 @@ def _grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16):
         return False
     n = x.element_size()
-    return all(d * n % 16 == 0 for d in w.shape[1:]) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if not all(d * n % 16 == 0 for d in w.shape[1:]):
+        return False
+    # A compiled graph has no data pointers to look at; its buffers and the parameters are aligned.
+    return torch.compiler.is_compiling() or (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
 def expert_products(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """``x [N, C]``, the router's ``weights, experts [N, k]`` -> weighted sum of the chosen experts ``[N, C]``."""
-        k = experts.shape[1]
+        N, k = experts.shape
+        if torch.compiler.is_compiling():  # one graph of static shapes (the compiled decode step)
+            flat = experts.flatten()  # (N*k,) one slot per (token, choice), token-major
+            gate, up = self.slot_products(x.repeat_interleave(k, dim=0), "gate_up_proj", flat).chunk(2, dim=-1)
+            y = self.slot_products(up * F.silu(gate), "down_proj", flat) * weights.flatten()[:, None]  # (N*k, C)
+            return y.view(N, k, -1).sum(1).to(x.dtype)
         flat = experts.flatten()  # (N*k,) one slot per (token, choice)
         order = flat.argsort(stable=True)  # slots grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
@@ -220,6 +228,11 @@ class Experts(nn.Module):
     def products(self, x: torch.Tensor, projection: str, counts: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` grouped by expert times each expert's ``projection`` (quantized experts override this)."""
         return expert_products(x, getattr(self, projection), counts)
+
+    def slot_products(self, x: torch.Tensor, projection: str, experts: torch.Tensor) -> torch.Tensor:
+        """Row i of ``x`` times expert ``experts[i]``'s ``projection``, its weights gathered: no data-dependent
+        shapes, for compiled graphs; only the chosen experts are read (quantized experts override this)."""
+        return torch.bmm(getattr(self, projection)[experts], x[:, :, None]).squeeze(-1)
 
 
 class MoE(nn.Module):

@@ -86,6 +86,12 @@ class QuantExperts(Experts):
         y = torch.cat(out) if out else x.new_zeros(0, weight.shape[1], dtype=torch.float32)
         return y.to(x.dtype)
 
+    def slot_products(self, x: torch.Tensor, projection: str, experts: torch.Tensor) -> torch.Tensor:
+        zero = getattr(self, f"{projection}_zero", None)
+        w = dequantize(getattr(self, projection)[experts], getattr(self, f"{projection}_scale")[experts],
+                       None if zero is None else zero[experts], self.bits, self.group_size)  # (slots, N, K)
+        return torch.bmm(w, x.float()[:, :, None]).squeeze(-1).to(x.dtype)
+
     def extra_repr(self) -> str:
         E, N, _ = self.gate_up_proj.shape
         return f"{E} experts, width {N // 2}, int{self.bits}" + (f", group {self.group_size}" if self.bits == 4 else "")
