@@ -3,8 +3,9 @@
 Every generation request goes: body checks (pydantic) -> key (``Store.authenticate``) -> model name ->
 prompt tokens and length checks -> ``Store.reserve`` (worst case: prompt + max tokens) -> the engine ->
 ``Store.settle`` with the engine's own token counts. Nothing reaches the model before all checks pass.
-A chat, whose rendering costs time in its size, is bounded (``MAX_CHAT_MESSAGES``, ``MAX_CHAT_CHARS``)
-and its key's limits and balance checked (``Store.check``) before it is rendered, on a worker thread.
+Rendering a chat and tokenizing text cost time in their size: a chat is bounded (``MAX_CHAT_MESSAGES``,
+``MAX_CHAT_CHARS``), and the key's limits and balance are checked (``Store.check``) before either
+runs, on a worker thread.
 Store calls are blocking database transactions, so they run in worker threads; the engine is async.
 
 Each generation runs as a ``_Job``: a task of its own that drains the engine handles and settles the
@@ -439,6 +440,24 @@ class _Server:
         """Refuse now what ``reserve`` would refuse for a request of at least this size (``Store.check``)."""
         await self._billing(self.store.check, key, self.model_name, request_id, prompt_tokens, max_tokens)
 
+    def check_max_tokens(self, max_tokens: int | None) -> None:
+        """400 for a ``max_tokens`` that leaves no room for a prompt (of one token at least) in the context."""
+        if max_tokens is not None and max_tokens >= self.max_seq_len():
+            raise APIError(400, f"max_tokens ({max_tokens}) leaves no room for a prompt in the model's context "
+                           f"of {self.max_seq_len()} tokens", code="context_length_exceeded", param="max_tokens",
+                           zhipu="1261")
+
+    async def tokenize(self, key, prompts: list, request_id: str | None, max_tokens: int) -> list[list[int]]:
+        """Token ids of each prompt: a text, or token ids already. Tokenizing costs time in the text's
+        length, so it runs only for a key that ``check`` lets run a request of one prompt token and
+        ``max_tokens``, and on a worker thread, never on the event loop."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        if not texts:
+            return [list(p) for p in prompts]
+        await self.check(key, request_id, 1, max_tokens)
+        ids = iter(await to_thread.run_sync(_encode, self.tokenizer, texts, limiter=self.render_threads))
+        return [next(ids) if isinstance(p, str) else list(p) for p in prompts]
+
     async def _billing(self, fn, key, *args):
         try:
             return await to_thread.run_sync(fn, key, *args)
@@ -717,10 +736,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         messages = [m.to_template() for m in body.messages]
         _check_chat_size(messages, tool_dicts)
-        if max_tokens is not None and max_tokens >= srv.max_seq_len():  # a prompt has one token at least
-            raise APIError(400, f"max_tokens ({max_tokens}) leaves no room for a prompt in the model's context "
-                           f"of {srv.max_seq_len()} tokens", code="context_length_exceeded", param="max_tokens",
-                           zhipu="1261")
+        srv.check_max_tokens(max_tokens)
         # Rendering costs time in the chat's size: only for a key that may run the request (at its
         # smallest: one prompt token), and on a thread of its own, never on the event loop.
         await srv.check(key, request_id, 1, (max_tokens or 1) * n)
@@ -823,7 +839,9 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         arrived = time.monotonic()
         srv.check_model(body.model)
         srv.ready()
-        prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts]
+        srv.check_max_tokens(body.max_tokens)
+        least = (1 if body.max_tokens is None else body.max_tokens) * body.n * len(body.prompts)
+        prompts = await srv.tokenize(key, body.prompts, None, least)
         if not all(prompts):
             raise APIError(400, "every prompt needs at least one token", param="prompt")
         srv.check_vocab(prompts, "prompt")
@@ -954,7 +972,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         inputs = body.input if isinstance(body.input, list) else [body.input]
         if inputs and isinstance(inputs[0], int):
             inputs = [inputs]
-        batch = [srv.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        batch = await srv.tokenize(key, inputs, None, 0)
         srv.check_vocab(batch, "input")
         for ids in batch:
             if not ids:
@@ -984,8 +1002,12 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
         blanks = sum(p in MASK_TOKENS for p in pieces)
         if not blanks:
             raise APIError(400, "no blank to fill: put [MASK], [sMASK] or [gMASK] in the prompt", param="prompt")
-        prompt_tokens = blanks + sum(len(srv.tokenizer.encode(p)) for p in pieces if p and p not in MASK_TOKENS)
-        # Part A, then each blank's <sop> + span: the same bound infill() checks, checked before billing.
+        # Part A, then each blank's <sop> + span: the same bound infill() checks, checked before billing
+        # (first with the blanks alone for the prompt, then with its text's tokens).
+        prompt_tokens = blanks
+        if prompt_tokens + blanks * (body.max_tokens + 1) <= srv.max_seq_len():
+            texts = [p for p in pieces if p and p not in MASK_TOKENS]
+            prompt_tokens += sum(map(len, await srv.tokenize(key, texts, body.request_id, blanks * body.max_tokens)))
         if prompt_tokens + blanks * (body.max_tokens + 1) > srv.max_seq_len():
             raise APIError(400, f"prompt ({prompt_tokens} tokens) + {blanks} blanks x max_tokens ({body.max_tokens}) "
                            f"exceeds the model's context of {srv.max_seq_len()}", code="context_length_exceeded",
@@ -1113,6 +1135,10 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer.encode(t) for t in texts]
 
 
 def _embed(model, batch: list[list[int]]):

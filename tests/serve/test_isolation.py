@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -72,6 +74,29 @@ def test_two_accounts_sending_the_same_request_id_get_their_own_answers(tiny_che
             assert store.ledger_totals(account)["completion_tokens"] == 2 * usage["completion_tokens"]
 
 
+def health_during(url: str, request) -> tuple[httpx.Response, list[float]]:
+    """``request()``'s response, and the latencies of /health polled from another client meanwhile."""
+    latencies, done = [], threading.Event()
+
+    def poll():
+        with httpx.Client(base_url=url, timeout=5) as c:
+            while not done.is_set():
+                started = time.monotonic()
+                assert c.get("/health").status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        response = request()
+    finally:
+        time.sleep(0.05)
+        done.set()
+        poller.join()
+    return response, latencies
+
+
 def _long_chat(messages: int, chars: int) -> dict:
     return {"model": "tiny", "max_tokens": 4, "messages": [
         {"role": ("user", "assistant")[i % 2], "content": f"{i} " + "x" * (chars - 1 - len(str(i)))}
@@ -84,20 +109,9 @@ def test_a_long_chat_never_stalls_the_server(tiny_checkpoint, tmp_path):
     body = _long_chat(2048, 400)
     with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'long.db'}", engine_process=False) as (
             server, store, secret, _):
-
-        async def scenario():
-            async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-                chat = asyncio.create_task(c.post("/v1/chat/completions", json=body,
-                                                  headers={"Authorization": f"Bearer {secret}"}))
-                latencies = []
-                while not chat.done():
-                    started = time.monotonic()
-                    assert (await c.get("/health", timeout=5)).status_code == 200
-                    latencies.append(time.monotonic() - started)
-                    await asyncio.sleep(0.02)
-                return await chat, latencies
-
-        r, latencies = asyncio.run(scenario())
+        r, latencies = health_during(server.url, partial(
+            httpx.post, server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"},
+            timeout=60))
     # Rendered and counted (then refused: it does not fit the test model's context of 256 tokens).
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert len(latencies) > 3 and max(latencies) < 0.5, latencies
@@ -135,3 +149,37 @@ def test_a_refused_key_is_refused_before_its_chat_is_rendered(tiny_checkpoint, t
         assert what in r.json()["error"]["message"]
     assert zhipu_too_many.status_code == 400 and zhipu_too_many.json()["error"]["code"] == "1210"
     assert len(rendered) == 1  # only the request that ran was rendered
+
+
+def _words(chars: int, seed: int) -> str:
+    """About ``chars`` characters of words never seen before (the tokenizer caches the words it has split)."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 12)))
+                    for _ in range(chars // 8))
+
+
+@pytest.mark.parametrize("funded", [False, True], ids=["no balance", "funded"])
+def test_long_prompts_are_tokenized_off_the_event_loop_and_only_for_a_key_that_may_run_them(tiny_checkpoint,
+                                                                                           tmp_path, funded):
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'prompts.db'}", engine_process=False) as (
+            server, store, secret, _):
+        if not funded:
+            _, secret = store.create_key(store.create_account("broke", 0).id)
+        # 900 KB of text each: a prompt, an embedding input, an infilling prompt
+        bodies = {"/v1/completions": {"model": "tiny", "prompt": _words(900_000, 1)},
+                  "/v1/embeddings": {"model": "tiny", "input": _words(900_000, 2)},
+                  "/v1/infill": {"model": "tiny", "prompt": _words(900_000, 3) + " [MASK]", "max_tokens": 2}}
+
+        for path, body in bodies.items():
+            started = time.monotonic()
+            r, latencies = health_during(server.url, partial(
+                httpx.post, server.url + path, json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=60))
+            took = time.monotonic() - started
+            if funded:  # tokenized (then refused: longer than the test model's context)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            else:  # refused before any tokenizing
+                assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+            assert max(latencies) < 0.5, (path, latencies)
+            print(f"{path}: {r.status_code} in {took:.2f} s; /health at most {max(latencies) * 1000:.0f} ms")
