@@ -32,7 +32,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import OpenGLMError
@@ -676,9 +676,9 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
 
     # ------------------------------------------------------------------------ public routes
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+    from .webapp import add_webapp
+
+    add_webapp(app, srv, STATIC_DIR, APIError)  # the chat app's page at / and its self-service routes
 
     @app.get("/health", responses={503: {"model": S.ErrorResponse}})
     async def health():

@@ -114,3 +114,29 @@ usage = Table(
     Index("ix_usage_key_started", "key_id", "started_at"),
     Index("ix_usage_account_created", "account_id", "created_at"),
 )
+
+# The chat app's saved conversations, private to their account. ``id`` is a random public id (never
+# a counter, so one account's ids say nothing about another's); ``updated_at`` orders the list.
+conversations = Table(
+    "conversations", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("model", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_conversations_account_updated", "account_id", "updated_at"),
+)
+
+# Their messages in order (``position`` from 0); ``tool_calls`` is the JSON list an assistant turn called.
+conversation_messages = Table(
+    "conversation_messages", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("conversation_id", String(32), ForeignKey("conversations.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("tool_calls", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("conversation_id", "position", name="uq_conversation_messages_position"),
+)

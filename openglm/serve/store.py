@@ -513,6 +513,13 @@ class Store:
                  "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
                  "total_tokens": int(r.prompt_tokens + r.completion_tokens), "cost": int(r.cost)} for r in rows]
 
+    def recent_requests(self, account_id: int, limit: int = 50) -> list[UsageRecord]:
+        """The account's newest ledger rows (settled requests), newest first."""
+        with self._reader.begin() as conn:
+            rows = conn.execute(select(usage).where(usage.c.account_id == account_id)
+                                .order_by(usage.c.id.desc()).limit(limit))
+            return [_usage(r) for r in rows]
+
     def ledger_totals(self, account_id: int | None = None) -> dict:
         """Sums over the ledger (one account's or everyone's): prompt_tokens, completion_tokens, cost, requests."""
         query = select(func.coalesce(func.sum(usage.c.prompt_tokens), 0), func.coalesce(

@@ -41,7 +41,9 @@ def test_every_api_route_needs_a_key_and_metrics_and_spec_an_admin_key(live):
         # Public: liveness and the chat page (which loads nothing from elsewhere: it streams from this server).
         assert c.get("/health").json() == {"status": "ok", "model": "tiny"}
         page = c.get("/")
-        assert page.status_code == 200 and "v1/chat/completions" in page.text and "://" not in page.text
+        assert page.status_code == 200 and "static/app.js" in page.text and "://" not in page.text
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert "v1/chat/completions" in c.get("/static/app.js").text
         for path in ("/v1/models", "/v1/models/tiny", "/v1/usage"):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path

@@ -1,4 +1,10 @@
-"""The chat page at ``/`` in a real headless Chromium against a live server: a streamed answer, its bill, a bad key.
+"""The chat app at ``/`` in a real headless Chromium against ``openglm serve`` on loopback.
+
+One walk through what a person does: sign in with a bad key then a good one, chat (streamed), Stop
+mid-answer (the ledger bills only what was generated), reload and find the conversation, delete it,
+fill a [MASK], read the usage page, create and revoke a key, at phone width and in dark mode.
+Screenshots of each page go to ``$OPENGLM_SCREENSHOTS`` (default: the test's tmp dir). The model has
+random weights, so its answers are noise; a saved conversation with a Markdown answer shows rendering.
 
 Skips where Chromium, its driver or selenium is missing, unless ``OPENGLM_REQUIRE_BROWSER=1`` (CI).
 """
@@ -8,9 +14,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from pathlib import Path
 
+import httpx
 import pytest
-from live_server import serving
+from live_server import ServerProcess
 
 
 def _driver():
@@ -27,48 +35,213 @@ def _driver():
         pytest.skip(message)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--lang=en-US",
+                 "--window-size=1280,860", "--force-color-profile=srgb"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    directory = Path(os.environ.get("OPENGLM_SCREENSHOTS") or tmp_path / "screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 @pytest.mark.slow
-def test_chat_page_streams_an_answer_and_bills_it(tiny_checkpoint, tmp_path):
+def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _driver()
+    from openglm.serve.store import Store, cost_of
+
+    db = f"sqlite:///{tmp_path / 'app.db'}"
+    store = Store(db)
+    store.set_price("tiny", 1_000_000, 2_000_000)
+    account = store.create_account("alice", 10**9)
+    _, secret = store.create_key(account.id, "first")
+    revoked, revoked_secret = store.create_key(account.id, "old")
+    store.revoke_key(revoked.id)
+    server = ServerProcess(tiny_checkpoint, db, "--max-seq-len", "1024", "--threads", "1")
+    browser = None
     try:
-        with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'page.db'}") as (server, store, secret, aid):
-            wait = WebDriverWait(browser, 60)
-            browser.get(server.url + "/")
+        server.wait_ready()
+        page = httpx.get(server.url + "/")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert "<script>" not in page.text and "<style" not in page.text and "://" not in page.text.replace(
+            "http://www.w3.org", "")
 
-            # A wrong key: no models are listed (listing needs a key), the page shows the API's error,
-            # nothing is billed.
-            browser.find_element(By.ID, "key").send_keys("sk-glm-wrong", Keys.TAB)
-            wait.until(lambda b: "key" in b.find_element(By.ID, "status").text.lower())
-            assert browser.find_elements(By.CSS_SELECTOR, "#model option") == []
-            browser.find_element(By.ID, "input").send_keys("Hello", Keys.ENTER)
-            error = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.error"))[0]
-            assert "key" in error.text.lower()
-            assert store.ledger_totals(aid)["requests"] == 0
+        browser = _driver()
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        find = browser.find_element
 
-            key = browser.find_element(By.ID, "key")
-            key.clear()
-            key.send_keys(secret, Keys.TAB)
-            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))  # /v1/models answered the key
-            assert browser.find_element(By.ID, "model").get_attribute("value") == "tiny"
-            browser.find_element(By.ID, "input").send_keys("Hello there", Keys.ENTER)
-            status = wait.until(lambda b: re.fullmatch(r"(\d+) prompt \+ (\d+) completion tokens",
-                                                       b.find_element(By.ID, "status").text))
-            prompt, completion = int(status.group(1)), int(status.group(2))
-            answers = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-            assert [m.text for m in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["Hello", "Hello there"]
-            assert len(answers) == 1 and completion >= 1
-            # What the page showed is what the ledger holds, and the key was remembered.
-            totals = store.ledger_totals(aid)
-            assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == (1, prompt, completion)
-            assert browser.execute_script("return localStorage.getItem('openglm-key')") == secret
+        def shot(name: str) -> None:
+            browser.save_screenshot(str(screenshots / f"{name}.png"))
+
+        def visible(selector: str):
+            return wait.until(lambda b: [e for e in b.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()])
+
+        # Sign in: a wrong key, a revoked key, then the right one. The hint says where keys come from.
+        browser.get(server.url + "/")
+        visible("#signin")
+        assert "openglm keys create" in find(By.ID, "signin-hint").text and "API key:" in find(By.ID, "signin-hint").text
+        for bad, said in (("sk-glm-wrong", "not valid"), (revoked_secret, "revoked"), ("hello", "sk-glm-")):
+            find(By.ID, "key").clear()
+            find(By.ID, "key").send_keys(bad, Keys.ENTER)
+            wait.until(lambda b: said in b.find_element(By.ID, "signin-error").text)
+        shot("signin-error")
+        find(By.ID, "key").clear()
+        find(By.ID, "key").send_keys(secret, Keys.ENTER)
+        visible("#view-chat")
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option[value='tiny']"))
+        assert browser.execute_script("return sessionStorage.getItem('openglm-key')") == secret
+        assert secret not in browser.current_url and not browser.execute_script("return localStorage.length && "
+                                                                                 "Object.values(localStorage).join()"
+                                                                                 ".includes(arguments[0])", secret)
+
+        # A streamed answer: seen while it streams, then its usage line matches the ledger.
+        find(By.CSS_SELECTOR, "#settings summary").click()
+        find(By.ID, "max-tokens").clear()
+        find(By.ID, "max-tokens").send_keys("16")
+        find(By.ID, "input").send_keys("Hello there", Keys.ENTER)
+        visible(".msg.assistant.streaming")
+        status = wait.until(lambda b: re.fullmatch(r"(\d+) prompt \+ (\d+) completion tokens",
+                                                   b.find_element(By.ID, "status").text))
+        prompt, completion = int(status.group(1)), int(status.group(2))
+        [row] = store.recent_requests(account.id)
+        assert (row.prompt_tokens, row.completion_tokens, row.stream) == (prompt, completion, True)
+        wait.until(lambda b: b.execute_script("return document.querySelector('.msg.assistant .body')"
+                                              ".textContent.trim().length > 0"))
+
+        # Stop: pressed as soon as the first words show (a person's click, made exact); the ledger
+        # bills what was generated, far below max_tokens, and the page says so.
+        find(By.ID, "max-tokens").clear()
+        find(By.ID, "max-tokens").send_keys("600")
+        browser.execute_script("""
+            new MutationObserver((_, observer) => {
+              const body = document.querySelector('.msg.streaming .body');
+              if (body && body.textContent.trim()) { observer.disconnect(); document.getElementById('stop').click(); }
+            }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
+        find(By.ID, "input").send_keys("Tell me a long story", Keys.ENTER)
+        stopped = wait.until(lambda b: re.fullmatch(r"Stopped: (\d+) tokens generated and billed\.",
+                                                    b.find_element(By.ID, "status").text))
+        newest = store.recent_requests(account.id)[0]
+        assert newest.request_id != row.request_id and newest.stream
+        assert 1 <= newest.completion_tokens < 600 and "cancelled" in newest.finish_reason
+        assert newest.completion_tokens == int(stopped.group(1))
+        assert newest.cost == cost_of(newest.prompt_tokens, newest.completion_tokens, (1_000_000, 2_000_000))
+        assert store.open_reservations(account.id) == []
+        visible(".msg.assistant .badge")
+        shot("chat")
+
+        # Reload: the conversation is on the server, with both questions and the stopped answer.
+        browser.refresh()
+        item = visible("#conversations li.conversation")
+        assert len(item) == 1 and item[0].text.startswith("Hello there")
+        item[0].find_element(By.CSS_SELECTOR, ".open").click()
+        wait.until(lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.user .body")]
+                   == ["Hello there", "Tell me a long story"])
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+
+        # Search, then delete it (confirming the dialog): gone from the page and from the server.
+        find(By.ID, "search").send_keys("long story")
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#conversations li.conversation")) == 1)
+        find(By.ID, "search").clear()
+        find(By.ID, "search").send_keys("no such words")
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#conversations li.empty"))
+        find(By.ID, "search").send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        visible("#conversations li.conversation .delete")[0].click()
+        wait.until(lambda b: b.switch_to.alert).accept()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#conversations li.empty"))
+        listed = httpx.get(server.url + "/v1/conversations", headers={"Authorization": f"Bearer {secret}"})
+        assert listed.json()["data"] == []
+
+        # Infill: each blank's span is highlighted in the filled text.
+        find(By.CSS_SELECTOR, "#tabs [data-view='infill']").click()
+        box = visible("#infill-input")[0]
+        box.clear()
+        box.send_keys("GLM fills [MASK] in text.")
+        find(By.ID, "infill-run").click()
+        span = visible("#infill-result mark.span")[0]
+        wait.until(lambda b: "blanks" in b.find_element(By.ID, "infill-status").text)
+        filled = find(By.ID, "infill-result").text
+        assert filled.startswith("GLM fills ") and filled.endswith(" in text.") and "[MASK]" not in filled
+        infill_row = store.recent_requests(account.id)[0]
+        assert infill_row.completion_tokens >= 1 and not infill_row.stream
+        assert span.text == filled[len("GLM fills "):-len(" in text.")]
+        shot("infill")
+
+        # Usage: balance, the chart, and the requests just made, newest first.
+        find(By.CSS_SELECTOR, "#tabs [data-view='usage']").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#requests tbody tr[data-request-id]")) == 3)
+        ids = [r.get_attribute("data-request-id") for r in browser.find_elements(By.CSS_SELECTOR, "#requests tbody tr")]
+        assert ids == [r.request_id for r in store.recent_requests(account.id)]
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart svg rect.bar")
+        balance = store.get_account(account.id).balance
+        assert find(By.ID, "balance").text.replace(",", "") == f"{balance / 1e6:.6f}".rstrip("0")
+        shot("usage")
+
+        # Keys: create one (shown once, it works), revoke it (it stops working).
+        find(By.CSS_SELECTOR, "#tabs [data-view='keys']").click()
+        visible("#keys tbody tr")
+        find(By.ID, "key-name").send_keys("laptop", Keys.ENTER)
+        new_secret = visible("#new-key-secret")[0].text
+        assert new_secret.startswith("sk-glm-")
+        authed = {"Authorization": f"Bearer {new_secret}"}
+        assert httpx.get(server.url + "/v1/account", headers=authed).status_code == 200
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#keys .revoke")) == 2)
+        shot("keys")
+        new_id = next(k.id for k in store.list_keys(account.id) if k.name == "laptop")
+        find(By.CSS_SELECTOR, f"#keys tr[data-key-id='{new_id}'] .revoke").click()
+        wait.until(lambda b: b.switch_to.alert).accept()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#keys .revoke")) == 1)
+        assert httpx.get(server.url + "/v1/account", headers=authed).status_code == 401
+
+        # Markdown answers: code highlighted, tables, LaTeX; raw HTML in an answer is text, never markup.
+        answer = ("## Blank infilling\n\nGLM predicts each span autoregressively:\n\n"
+                  "$$p(s_i \\mid x_{\\text{corrupt}}, s_{<i}) = \\prod_j p(s_{i,j} \\mid \\ldots)$$\n\n"
+                  "| token | meaning |\n|---|---|\n| `[MASK]` | a short span |\n| `[gMASK]` | to the end |\n\n"
+                  "```python\ndef infill(text: str) -> str:\n    return model.fill(text)  # $x$ stays code\n```\n\n"
+                  "Inline math $e^{i\\pi} + 1 = 0$ and <img src=x id=injected onerror=alert(1)>.")
+        made = httpx.post(server.url + "/v1/conversations", headers={"Authorization": f"Bearer {secret}"}, json={
+            "title": "Markdown", "messages": [{"role": "user", "content": "How does GLM fill blanks?"},
+                                              {"role": "assistant", "content": answer}]})
+        assert made.status_code == 201
+        find(By.CSS_SELECTOR, "#tabs [data-view='chat']").click()
+        browser.refresh()
+        visible("#conversations li.conversation .open")[0].click()
+        rendered = visible(".msg.assistant .body")[0]
+        assert rendered.find_elements(By.CSS_SELECTOR, "h2") and rendered.find_elements(By.CSS_SELECTOR, "table td code")
+        assert rendered.find_elements(By.CSS_SELECTOR, "pre code.language-python .hljs-keyword")
+        assert len(rendered.find_elements(By.CSS_SELECTOR, ".katex")) == 2  # the one in code stays code
+        assert "$x$" in rendered.find_element(By.CSS_SELECTOR, "pre code").text
+        assert not browser.find_elements(By.ID, "injected") and "<img src=x" in rendered.text
+        shot("chat-markdown")
+
+        # Chinese, dark mode, phone width.
+        find(By.CSS_SELECTOR, "#tabs [data-view='chat']").click()
+        find(By.CSS_SELECTOR, "#topbar .lang-toggle").click()
+        assert find(By.ID, "send").text == "发送"
+        find(By.CSS_SELECTOR, "#topbar .theme-toggle").click()
+        find(By.CSS_SELECTOR, "#topbar .theme-toggle").click()
+        assert browser.execute_script("return document.documentElement.dataset.theme") == "dark"
+        browser.set_window_size(390, 844)
+        find(By.ID, "input").send_keys("你好", Keys.ENTER)
+        wait.until(lambda b: re.fullmatch(r"提示 \d+ \+ 生成 \d+ 个 token", b.find_element(By.ID, "status").text))
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        shot("phone-dark-zh")
+
+        # The strict Content-Security-Policy held: the browser refused nothing the page tried.
+        refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert refused == []
+    except BaseException:
+        if browser is not None:  # what the page showed when it failed
+            browser.save_screenshot(str(screenshots / "failure.png"))
+        raise
     finally:
-        browser.quit()
+        if browser is not None:
+            browser.quit()
+        server.stop()
+        store.close()
