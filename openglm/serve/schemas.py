@@ -58,8 +58,8 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
 
 def _unsupported(message: str) -> PydanticCustomError:
     """A field that would change the answer in a way this server cannot honour (``suffix``, ``best_of``,
-    ``dimensions``, a JSON ``response_format``, ``tool_choice`` with no tools): declared so that it is
-    refused by name, never silently ignored as unknown fields are."""
+    ``dimensions``, a JSON ``response_format``, ``tool_choice`` with no tools, penalties, ``logit_bias``):
+    declared so that it is refused by name, never silently ignored as unknown fields are."""
     return PydanticCustomError("unsupported", message)
 
 
@@ -154,6 +154,23 @@ class _Sampling(_Request):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value:  # OpenAI's additive penalties: the sampler has none (0, the default, is accepted)
+            raise _unsupported("only 0 is supported: this server does not apply frequency or presence penalties")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value):
+        if value:
+            raise _unsupported("not supported: this server does not bias logits (an empty map is accepted)")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:

@@ -136,6 +136,9 @@ def test_unsupported_fields_are_refused_by_name(live):
         "response_format": ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}),
         "tool_choice": ("/v1/chat/completions", {**chat, "tool_choice": "auto"}),
         "messages": ("/v1/chat/completions", {**chat, "messages": [{"role": "tool", "content": "12:00"}]}),
+        "presence_penalty": ("/v1/completions", {"model": "tiny", "prompt": "a", "presence_penalty": 0.5}),
+        "frequency_penalty": ("/v1/chat/completions", {**chat, "frequency_penalty": -1}),
+        "logit_bias": ("/v1/chat/completions", {**chat, "logit_bias": {"5": 100}}),
     }
     zhipu_refused = {
         "response_format": {**chat, "response_format": {"type": "json_object"}},
@@ -146,6 +149,8 @@ def test_unsupported_fields_are_refused_by_name(live):
         "suffix null": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "suffix": None}),
         "best_of = n": ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "best_of": 2, "n": 2}),
         "text format": ("/v1/chat/completions", {**chat, "response_format": {"type": "text"}}),
+        "defaults sent": ("/v1/chat/completions", {**chat, "frequency_penalty": 0, "presence_penalty": 0.0,
+                                                   "logit_bias": {}}),
         "no tools used": ("/v1/chat/completions", {**chat, "tools": tools, "tool_choice": "none"}),
         "a result after its call": ("/v1/chat/completions", {**chat, "messages": [
             *chat["messages"], call, {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]}),
