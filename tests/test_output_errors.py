@@ -70,3 +70,12 @@ def test_a_missing_output_folder_is_not_left_by_a_failed_run(capsys, tmp_path):
     out = tmp_path / "new" / "run"
     fails_cleanly(capsys, "quantize", tmp_path / "no-such-model", "--scheme", "int8", "-o", out)
     assert not (tmp_path / "new").exists()
+
+
+def test_finetune(capsys, blocked, tmp_path, tiny_checkpoint):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    err = fails_cleanly(capsys, "finetune", tiny_checkpoint, "--data", data, "-o", blocked, "--steps", "2",
+                        "--warmup", "1")
+    assert "cannot write" in err

@@ -42,6 +42,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -197,58 +198,67 @@ def prepare(
         return PrepareResult(manifest, 0, time.perf_counter() - start, already_complete=True)
 
     manifest_path = output / "manifest.json"
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    _write_manifest(manifest_path, manifest)
-    tok.save(output / "tokenizer")
-    writers = {name: _SplitWriter(output / name, manifest["splits"][name], shard_tokens) for name in splits}
-    lang_ids = {lang: i for i, lang in enumerate(manifest["langs"])}
+    for stale in [*output.glob(".*.tmp"), *(output / "tokenizer").glob(".*.tmp")]:
+        stale.unlink()  # a manifest or tokenizer write cut short by a kill
+    try:
+        _write_manifest(manifest_path, manifest)
+        tok.save(output / "tokenizer")
+        writers = {name: _SplitWriter(output / name, manifest["splits"][name], shard_tokens) for name in splits}
+        lang_ids = {lang: i for i, lang in enumerate(manifest["langs"])}
 
-    from tqdm import tqdm
+        from tqdm import tqdm
 
-    bar = tqdm(
-        total=sum(p.stat().st_size for p in paths),
-        unit="B",
-        unit_scale=True,
-        desc="tokenizing",
-        disable=None if progress else True,
-    )
+        bar = tqdm(
+            total=sum(p.stat().st_size for p in paths),
+            unit="B",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=None if progress else True,
+        )
 
-    def chunks() -> Iterator[tuple[list[str], list[tuple[str, int, int]]]]:
-        """Chunks of (texts, [(split, lang id, document index)]) of the documents not yet written."""
-        texts, meta, chars = [], [], 0
-        index = 0
-        for path in paths:
-            for text, lang in read_documents(path, doc_per_file, bar):
-                name = splits[is_val(text, val_fraction)] if val_fraction else splits[0]
-                if index >= writers[name].state["next_document"]:
-                    if lang not in lang_ids:
-                        lang_ids[lang] = len(manifest["langs"])
-                        manifest["langs"].append(lang)
-                    texts.append(text)
-                    meta.append((name, lang_ids[lang], index))
-                    chars += len(text)
-                    if chars >= CHUNK_CHARS:
-                        yield texts, meta
-                        texts, meta, chars = [], [], 0
-                index += 1
-        if texts:
-            yield texts, meta
+        def chunks() -> Iterator[tuple[list[str], list[tuple[str, int, int]]]]:
+            """Chunks of (texts, [(split, lang id, document index)]) of the documents not yet written."""
+            texts, meta, chars = [], [], 0
+            index = 0
+            for path in paths:
+                for text, lang in read_documents(path, doc_per_file, bar):
+                    name = splits[is_val(text, val_fraction)] if val_fraction else splits[0]
+                    if index >= writers[name].state["next_document"]:
+                        if lang not in lang_ids:
+                            lang_ids[lang] = len(manifest["langs"])
+                            manifest["langs"].append(lang)
+                        texts.append(text)
+                        meta.append((name, lang_ids[lang], index))
+                        chars += len(text)
+                        if chars >= CHUNK_CHARS:
+                            yield texts, meta
+                            texts, meta, chars = [], [], 0
+                    index += 1
+            if texts:
+                yield texts, meta
 
-    new_tokens = 0
-    with bar:
-        for meta, (tokens, lengths) in _tokenize_chunks(chunks(), output / "tokenizer", workers):
-            offset = 0
-            for (name, lang, index), n in zip(meta, lengths.tolist()):
-                if writers[name].add(tokens[offset : offset + n], lang, index):
+        new_tokens = 0
+        with bar:
+            for meta, (tokens, lengths) in _tokenize_chunks(chunks(), output / "tokenizer", workers):
+                offset = 0
+                for (name, lang, index), n in zip(meta, lengths.tolist()):
+                    if writers[name].add(tokens[offset : offset + n], lang, index):
+                        _write_manifest(manifest_path, manifest)
+                    offset += n
+                new_tokens += offset
+            for writer in writers.values():
+                if writer.commit():
                     _write_manifest(manifest_path, manifest)
-                offset += n
-            new_tokens += offset
-        for writer in writers.values():
-            if writer.commit():
-                _write_manifest(manifest_path, manifest)
-    for name in splits:
-        manifest["splits"][name]["complete"] = True
-    _write_manifest(manifest_path, manifest)
+        for name in splits:
+            manifest["splits"][name]["complete"] = True
+        _write_manifest(manifest_path, manifest)
+    except BaseException:
+        # Nothing written yet that a rerun could resume from: leave no half-made directory behind.
+        if created and not any(manifest["splits"][name]["shards"] for name in splits):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     return PrepareResult(manifest, new_tokens, time.perf_counter() - start, already_complete=False)
 
 

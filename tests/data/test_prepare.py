@@ -156,10 +156,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tok_dir):
     # What a kill during a shard write leaves behind: files the manifest does not list.
     (out / "train" / f"{done:05d}.bin").write_bytes(b"partial")
     (out / "train" / f".{done:05d}.idx.123.tmp").write_bytes(b"partial")
+    (out / ".manifest.json.456.tmp").write_bytes(b'{"format"')
 
     resumed = prepare([path], tok_dir, out, val_fraction=0.1, shard_tokens=400, workers=1)
     fresh = prepare([path], tok_dir, tmp_path / "fresh", val_fraction=0.1, shard_tokens=400, workers=1)
     assert 0 < resumed.new_tokens < fresh.new_tokens
+    assert not (out / ".manifest.json.456.tmp").exists()
     assert tree(out) == tree(tmp_path / "fresh")
     again = prepare([path], tok_dir, out, val_fraction=0.1, shard_tokens=400, workers=1)
     assert again.already_complete and again.new_tokens == 0
@@ -280,3 +282,13 @@ def test_workers_end_with_their_parent(tmp_path, tok_dir, sig):
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_alive, workers)), "workers outlived their parent"
+
+
+def test_a_run_failing_before_its_first_shard_leaves_no_directory(tmp_path, tok_dir):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    with pytest.raises(OpenGLMError, match="c.jsonl:2"):
+        prepare([path], tok_dir, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()  # no half manifest blocking the rerun with the fixed file
+    path.write_text(json.dumps({"text": "fine"}) + "\n")
+    assert prepare([path], tok_dir, tmp_path / "out", workers=1).manifest["splits"]["train"]["documents"] == 1
