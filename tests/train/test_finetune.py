@@ -245,3 +245,17 @@ def test_finetune_counts_truncated_and_left_out(settings, chat_files, tmp_path, 
     dropped = finetune(settings("dropped", data=str(data), steps=1, warmup=1, eval_every=0))
     assert (dropped.truncated, dropped.skipped) == (0, 1)
     assert "48 conversations, 0 truncated (off), 1 left out" in capsys.readouterr().err
+
+
+def test_finetune_logs_to_tensorboard(settings):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = settings("tracked", steps=4, warmup=1, eval_every=2, log_to="tensorboard")
+    finetune(s)
+    events = EventAccumulator(str(Path(s.out) / "tensorboard")).Reload()
+    records = [json.loads(ln) for ln in (Path(s.out) / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "grad_norm", "val_loss"):
+        want = {r["step"]: r[key] for r in records if key in r}
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(want, rel=1e-6), key
+    assert sorted(e.step for e in events.Scalars("val_loss")) == [0, 2, 4]  # from before the first step
