@@ -2,7 +2,8 @@
 
 One walk through what a person does: sign in with a bad key then a good one, chat (streamed), Stop
 mid-answer (the ledger bills only what was generated), reload and find the conversation, delete it,
-fill a [MASK], read the usage page, create and revoke a key, at phone width and in dark mode.
+fill a [MASK], read the usage page, create and revoke a key, at phone width and in dark mode; then
+the errors: out of balance, rate limited, and the server dying mid-answer.
 Screenshots of each page go to ``$OPENGLM_SCREENSHOTS`` (default: the test's tmp dir). The model has
 random weights, so its answers are noise; a saved conversation with a Markdown answer shows rendering.
 
@@ -118,7 +119,7 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
         # Stop: pressed as soon as the first words show (a person's click, made exact); the ledger
         # bills what was generated, far below max_tokens, and the page says so.
         find(By.ID, "max-tokens").clear()
-        find(By.ID, "max-tokens").send_keys("600")
+        find(By.ID, "max-tokens").send_keys("900")
         browser.execute_script("""
             new MutationObserver((_, observer) => {
               const body = document.querySelector('.msg.streaming .body');
@@ -129,7 +130,7 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
                                                     b.find_element(By.ID, "status").text))
         newest = store.recent_requests(account.id)[0]
         assert newest.request_id != row.request_id and newest.stream
-        assert 1 <= newest.completion_tokens < 600 and "cancelled" in newest.finish_reason
+        assert 1 <= newest.completion_tokens < 900 and "cancelled" in newest.finish_reason
         assert newest.completion_tokens == int(stopped.group(1))
         assert newest.cost == cost_of(newest.prompt_tokens, newest.completion_tokens, (1_000_000, 2_000_000))
         assert store.open_reservations(account.id) == []
@@ -232,6 +233,32 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
         wait.until(lambda b: re.fullmatch(r"提示 \d+ \+ 生成 \d+ 个 token", b.find_element(By.ID, "status").text))
         assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
         shot("phone-dark-zh")
+
+        # Errors say what happened: out of balance and rate limited are told apart (both are 429s).
+        find(By.CSS_SELECTOR, "#topbar .lang-toggle").click()
+        broke = store.create_account("broke", 0)
+        _, broke_secret = store.create_key(broke.id)
+        _, limited_secret = store.create_key(account.id, "limited", rpm=1)
+        for key, sends, said in ((broke_secret, 1, "Out of balance"), (limited_secret, 2, "Rate limited")):
+            find(By.ID, "signout").click()
+            find(By.ID, "key").send_keys(key, Keys.ENTER)
+            visible("#view-chat")
+            for _ in range(sends):
+                wait.until(lambda b: b.find_element(By.ID, "send").is_displayed())
+                find(By.ID, "input").send_keys("Hi", Keys.ENTER)
+            wait.until(lambda b: said in b.find_element(By.ID, "banner").text)
+        shot("error-rate-limited")
+
+        # The server dies mid-answer: the page says the connection was lost and keeps what arrived.
+        find(By.ID, "signout").click()
+        find(By.ID, "key").send_keys(secret, Keys.ENTER)
+        visible("#view-chat")
+        find(By.ID, "input").send_keys("Tell me everything", Keys.ENTER)
+        wait.until(lambda b: b.execute_script("const e = document.querySelector('.msg.streaming .body');"
+                                              "return e && e.textContent.trim().length > 0"))
+        server.kill()
+        wait.until(lambda b: "lost in the middle of the answer" in b.find_element(By.ID, "banner").text)
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text.strip()
 
         # The strict Content-Security-Policy held: the browser refused nothing the page tried.
         refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]

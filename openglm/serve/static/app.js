@@ -63,13 +63,16 @@ function retranslate() {
   }
 }
 
-function showBanner(message) {
-  $("banner").textContent = message;
-  $("banner").hidden = !message;
+// `append`: keep what the banner says and add this below it (a second error after a first one).
+function showBanner(message, append = false) {
+  const banner = $("banner");
+  if (append && !banner.hidden && message) message = banner.textContent + "\n" + message;
+  banner.textContent = message;
+  banner.hidden = !message;
 }
 
 // A 401 anywhere means the key stopped working (revoked meanwhile): back to the sign-in screen.
-function handleError(error, target) {
+function handleError(error, target, append = false) {
   if (error instanceof ApiError && error.status === 401) {
     signOut(t("err.signedOut", {message: error.message}));
     return;
@@ -79,7 +82,7 @@ function handleError(error, target) {
     target.textContent = message;
     target.hidden = false;
   } else {
-    showBanner(message);
+    showBanner(message, append);
   }
 }
 
@@ -419,7 +422,7 @@ async function generate(text, from) {
     try {
       await save(state.messages.length - 1);
     } catch (e) {
-      handleError(e);
+      handleError(e, null, true);
     }
   }
   if (!node.classList.contains("error") || answer.content) renderLog();
