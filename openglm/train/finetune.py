@@ -223,11 +223,11 @@ def pack_in_order(samples: list[GLMSample], seq_len: int, pad_id: int) -> list:
 
 
 def _validation_batches(samples, s: FinetuneSettings, pad_id: int, world: Distributed, two_d: bool):
-    """The held-out conversations packed in file order, in batches of ``batch_size`` rows (all of them,
-    or the first ``eval_batches``), and their target count."""
+    """The held-out conversations packed in file order (all of them, or the first ``ceil(eval_tokens /
+    seq_len)`` rows, whatever the batch size), in batches of ``batch_size`` rows, and their target count."""
     rows = pack_in_order(samples, s.seq_len, pad_id)
-    if s.eval_batches:
-        rows = rows[: s.eval_batches * s.batch_size]
+    if s.eval_tokens:
+        rows = rows[: -(-s.eval_tokens // s.seq_len)]
     rows += [pack([], s.seq_len, pad_id)] * (-len(rows) % s.batch_size)  # every rank gets as many batches
     batches = [_batch_inputs(collate(rows[i : i + s.batch_size][world.rank :: world.world_size]), two_d, world.device)
                for i in range(0, len(rows), s.batch_size)]
@@ -326,8 +326,8 @@ def finetune(s: FinetuneSettings) -> FinetuneResult:
 
 def _check_settings(s: FinetuneSettings, world: Distributed) -> None:
     check_run_settings(s, world)
-    if s.eval_batches < 0:
-        raise OpenGLMError("--eval-batches must be >= 0")
+    if s.eval_tokens < 0:
+        raise OpenGLMError("--eval-tokens must be >= 0")
     if s.truncate not in (None, "left", "right"):
         raise OpenGLMError(f"--truncate takes left or right, got {s.truncate!r}")
     if s.lora and (s.lora_r < 1 or not 0.0 <= s.lora_dropout < 1.0):

@@ -59,7 +59,7 @@ class FinetuneSettings:
     lora_targets: str = DEFAULT_LORA_TARGETS
     merge: bool = True  # merge the adapter into RUN_DIR/model at the end of a LoRA run
     eval_every: int = 100  # 0: evaluate at the end only
-    eval_batches: int = 0  # 0: the whole validation set
+    eval_tokens: int = 0  # the first rows of packed held-out conversations holding this many tokens; 0: all
     save_every: int = 200  # 0: save at the end only
     keep_previous: bool = False
     keep: int = 1
@@ -103,7 +103,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="LoRA: keep only RUN_DIR/adapter, do not write the merged RUN_DIR/model")
     option("--eval-every", "steps between validation losses, 0 for the end only", type=int)
-    option("--eval-batches", "validation batches, 0 for all held-out conversations", type=int)
+    option("--eval-tokens", "tokens of held-out conversations to validate on (whole rows, the same for every "
+                            "batch size), 0 for all", type=int)
     option("--save-every", "steps between checkpoints, 0 for the end only", type=int)
     p.add_argument("--keep-previous", action="store_true", help="keep the one before the last as checkpoint.prev")
     option("--log-every", "steps between metrics lines", type=int)

@@ -259,3 +259,21 @@ def test_finetune_logs_to_tensorboard(settings):
         want = {r["step"]: r[key] for r in records if key in r}
         assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(want, rel=1e-6), key
     assert sorted(e.step for e in events.Scalars("val_loss")) == [0, 2, 4]  # from before the first step
+
+
+def test_validation_set_does_not_depend_on_the_batch_size(tokenizer, chat_files, settings):
+    import torch
+
+    from openglm.train.finetune import _validation_batches, tokenize_file
+    from openglm.train.parallel import Distributed
+
+    samples = tokenize_file(chat_files[1], tokenizer, None, 96, False).samples
+    world = Distributed(0, 1, 0, torch.device("cpu"))
+    pad = tokenizer.token_id("<|endoftext|>")
+    seen = set()
+    for batch_size in (1, 2, 4):
+        batches, targets = _validation_batches(samples, settings(batch_size=batch_size, eval_tokens=200), pad, world,
+                                               False)
+        ids = torch.cat([b[0] for b in batches])
+        seen.add((tuple(ids[ids != pad].tolist()), targets))
+    assert len(seen) == 1 and next(iter(seen))[1] > 0  # the same 3 rows of 96 tokens each time
