@@ -116,11 +116,10 @@ def tokenize_conversation(tok, conversation: dict, template: str | None = None, 
         if truncate == "right":
             ids, loss_mask = ids[:max_len], loss_mask[:max_len]
         else:
-            system = 0
-            while system < len(messages) and messages[system].get("role") == "system":
-                system += 1
-            opening = render_chat(tok, messages[:system], tools=tools, template=template)[0]
-            keep = len(opening) if ids[: len(opening)] == opening and len(opening) < max_len else 0
+            # The opening ends at the first role token other than <|system|> (tools render as a system turn).
+            roles = {tok.token_id(r) for r in ("<|user|>", "<|assistant|>", "<|observation|>")}
+            keep = next((i for i, t in enumerate(ids) if t in roles), 0)
+            keep = keep if keep < max_len else 0
             ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
             loss_mask = loss_mask[:keep] + loss_mask[len(loss_mask) - (max_len - keep):]
     ids = np.asarray(ids, dtype=np.int64)

@@ -234,6 +234,12 @@ def test_truncate_keeps_the_system_turn_or_the_start(tokenizer):
     assert right.input_ids.tolist() == full.input_ids[:96].tolist()
     for sample in (left, right):
         assert (sample.targets != IGNORE_INDEX).any()
+    # without a system turn the opening is [gMASK]<sop>
+    no_system = {"messages": conv["messages"][1:]}
+    cut = tokenize_conversation(tokenizer, no_system, max_len=96, truncate="left")
+    full = tokenize_conversation(tokenizer, no_system)
+    assert cut.input_ids[:2].tolist() == [tokenizer.token_id("[gMASK]"), tokenizer.token_id("<sop>")]
+    assert cut.input_ids[2:].tolist() == full.input_ids[len(full) - 94:].tolist()
 
 
 def test_finetune_counts_truncated_and_left_out(settings, chat_files, tmp_path, capsys):
