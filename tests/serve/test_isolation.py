@@ -13,6 +13,9 @@ import pytest
 from live_server import serving
 
 ZHIPU = "/api/paas/v4/chat/completions"
+# /health answers in tens of milliseconds beside a long request (it waited seconds to minutes before);
+# the margin is for a machine whose cores are busy with other work.
+SLOWEST_HEALTH = 1.0
 ENGINES = pytest.mark.parametrize("engine_process", [True, False], ids=["engine process", "engine in process"])
 
 
@@ -114,7 +117,7 @@ def test_a_long_chat_never_stalls_the_server(tiny_checkpoint, tmp_path):
             timeout=60))
     # Rendered and counted (then refused: it does not fit the test model's context of 256 tokens).
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-    assert len(latencies) > 3 and max(latencies) < 0.5, latencies
+    assert len(latencies) > 3 and max(latencies) < SLOWEST_HEALTH, latencies
     print(f"/health during the long chat: {len(latencies)} calls, slowest {max(latencies) * 1000:.0f} ms")
 
 
@@ -181,5 +184,5 @@ def test_long_prompts_are_tokenized_off_the_event_loop_and_only_for_a_key_that_m
                 assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
             else:  # refused before any tokenizing
                 assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
-            assert max(latencies) < 0.5, (path, latencies)
+            assert max(latencies) < SLOWEST_HEALTH, (path, latencies)
             print(f"{path}: {r.status_code} in {took:.2f} s; /health at most {max(latencies) * 1000:.0f} ms")
