@@ -1,7 +1,7 @@
 """Model configuration: one dataclass, a registry of named shapes, and the Hugging Face mapping.
 
 A checkpoint directory holds the config as Hugging Face ``config.json`` (model type ``glm``,
-``glm4`` or ``glm4_moe``), so the same file is read by ``transformers`` and by openglm. Fields that only openglm
+``glm4``, ``glm4_moe``, ``glm4_moe_lite`` or ``glm_moe_dsa``), so the same file is read by ``transformers`` and by openglm. Fields that only openglm
 understands (2D positions for the original GLM blank-infilling form) are written under their own
 names, which ``transformers`` keeps as inert attributes.
 """
@@ -51,6 +51,20 @@ class Config:
     norm_topk_prob: bool = True  # the chosen experts' scores are renormalised to sum to 1
     routed_scaling_factor: float = 1.0
     use_qk_norm: bool = False  # RMSNorm over each query and key head before the rotation
+    # Which layers hold the MoE block ("sparse") or a dense MLP ("dense"); None: from first_k_dense_replace.
+    mlp_layer_types: list[str] | None = None
+    # Multi-head latent attention (HF ``glm4_moe_lite``: GLM-4.7-Flash); ``kv_lora_rank == 0`` is GQA.
+    kv_lora_rank: int = 0  # width of the joint key/value latent the cache stores
+    q_lora_rank: int = 0  # width of the low-rank query (0: one full q_proj)
+    qk_nope_head_dim: int = 0  # per-head query/key dims without positions
+    qk_rope_head_dim: int = 0  # rotated dims, one rotary key shared by all heads
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # rotate interleaved pairs (True) or the two halves of the rotary dims
+    # DeepSeek sparse attention (HF ``glm_moe_dsa``: GLM-5), on top of MLA; ``index_topk == 0`` is dense.
+    index_topk: int = 0  # keys each query attends to, chosen by the lightning indexer
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    indexer_types: list[str] | None = None  # per layer: "full" runs its indexer, "shared" reuses the last one's choice
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
@@ -71,6 +85,8 @@ class Config:
             self.eos_token_id = [self.eos_token_id]
         if self.num_experts or self.use_qk_norm:
             self._check_moe()
+        if self.kv_lora_rank:
+            self._check_mla()
 
     def _check_moe(self):
         problem = None
@@ -88,21 +104,69 @@ class Config:
         if problem:
             raise OpenGLMError(f"config {self.name!r}: {problem}")
 
+    def _check_mla(self):
+        problem = None
+        n = self.num_layers
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["dense" if i < self.first_k_dense_replace or not self.num_experts else "sparse"
+                                    for i in range(n)]
+        if self.index_topk and self.indexer_types is None:
+            self.indexer_types = ["full"] * n
+        if min(self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim) <= 0 or self.q_lora_rank < 0:
+            problem = "MLA needs positive qk_nope_head_dim, qk_rope_head_dim and v_head_dim"
+        elif self.num_kv_heads != self.num_heads:
+            problem = f"MLA has one key/value per query head: num_kv_heads={self.num_kv_heads} != num_heads={self.num_heads}"
+        elif self.post_norms or self.position_encoding_2d or self.use_qk_norm or self.partial_rotary_factor != 1.0:
+            problem = "MLA models have neither post_norms, 2D positions, q/k norms nor a partial rotary factor"
+        elif len(self.mlp_layer_types) != n or set(self.mlp_layer_types) - {"dense", "sparse"}:
+            problem = f"mlp_layer_types must give 'dense' or 'sparse' for each of the {n} layers"
+        elif "sparse" in self.mlp_layer_types and not self.num_experts:
+            problem = "mlp_layer_types has 'sparse' layers but num_experts is 0"
+        elif self.index_topk:
+            if not self.q_lora_rank or self.index_n_heads <= 0 or self.index_head_dim < self.qk_rope_head_dim:
+                problem = "sparse attention needs q_lora_rank, index_n_heads and index_head_dim >= qk_rope_head_dim"
+            elif len(self.indexer_types) != n or set(self.indexer_types) - {"full", "shared"} or self.indexer_types[0] != "full":
+                problem = f"indexer_types must give 'full' or 'shared' for each of the {n} layers, the first 'full'"
+        if problem:
+            raise OpenGLMError(f"config {self.name!r}: {problem}")
+
     @property
     def rotary_dim(self) -> int:
+        if self.kv_lora_rank:
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def model_type(self) -> str:
+        if self.kv_lora_rank:
+            return "glm_moe_dsa" if self.index_topk else "glm4_moe_lite"
         return "glm4_moe" if self.num_experts else "glm4" if self.post_norms else "glm"
 
     @property
     def rotary_interleaved(self) -> bool:
         """GLM-4 dense rotates interleaved pairs ``(x[2i], x[2i+1])``; ``glm4_moe`` the two halves of the rotary dims."""
+        if self.kv_lora_rank:
+            return self.rope_interleave or bool(self.index_topk)
         return not self.num_experts
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.mlp_layer_types is not None:
+            return self.mlp_layer_types[layer_idx] == "sparse"
         return bool(self.num_experts) and layer_idx >= self.first_k_dense_replace
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Numbers the attention cache holds per token in one layer: keys and values (GQA), or the
+        latent and the rotary key (MLA; the sparse-attention indexer's keys are counted apart)."""
+        if not self.kv_lora_rank:
+            return 2 * self.num_kv_heads * self.head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes of bf16 KV cache one token takes over all layers."""
+        index = self.index_head_dim * self.indexer_types.count("full") if self.index_topk else 0
+        return 2 * (self.num_layers * self.kv_cache_width + index)
 
     @property
     def num_moe_layers(self) -> int:
@@ -118,16 +182,30 @@ class Config:
         """Parameters one token uses: all of a dense model; a MoE model's chosen and shared experts only."""
         return self._count_parameters(self.num_experts_per_tok if self.num_experts else 0)
 
+    def _attention_parameters(self) -> int:
+        d, H = self.hidden_size, self.num_heads
+        if not self.kv_lora_rank:
+            kv, q = self.num_kv_heads * self.head_dim, H * self.head_dim
+            attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
+            return attn + (2 * self.head_dim if self.use_qk_norm else 0)
+        qk, r, qr = self.qk_nope_head_dim + self.qk_rope_head_dim, self.kv_lora_rank, self.q_lora_rank
+        q = (d * qr + qr + qr * H * qk + (qr if self.attention_bias else 0)) if qr else d * H * qk
+        kv = d * (r + self.qk_rope_head_dim) + r + r * H * (self.qk_nope_head_dim + self.v_head_dim)
+        o = H * self.v_head_dim * d
+        bias = (r + self.qk_rope_head_dim + d) if self.attention_bias else 0
+        return q + kv + o + bias
+
     def _count_parameters(self, experts: int) -> int:
-        d, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        q = self.num_heads * self.head_dim
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
-        attn += 2 * self.head_dim if self.use_qk_norm else 0
+        d = self.hidden_size
+        attn = self._attention_parameters()
         norms = (4 if self.post_norms else 2) * d
         moe_layers = self.num_moe_layers
         dense_mlp = 3 * d * self.intermediate_size
         moe_mlp = self.num_experts * d + (experts + self.num_shared_experts) * 3 * d * self.moe_intermediate_size
         layers = self.num_layers * (attn + norms) + (self.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
+        if self.index_topk:  # wq_b, wk, k_norm (weight and bias), weights_proj of each full layer
+            ih, id_ = self.index_n_heads, self.index_head_dim
+            layers += self.indexer_types.count("full") * (self.q_lora_rank * ih * id_ + d * id_ + 2 * id_ + d * ih)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return layers + embed + d
 
@@ -160,9 +238,10 @@ class Config:
     @classmethod
     def from_hf_dict(cls, hf: dict) -> "Config":
         model_type = hf.get("model_type")
-        if model_type not in ("glm", "glm4", "glm4_moe"):
+        if model_type not in ("glm", "glm4", "glm4_moe", *_MLA_TYPES):
             raise OpenGLMError(
-                f"config.json has model_type {model_type!r}; openglm reads 'glm', 'glm4' and 'glm4_moe'"
+                f"config.json has model_type {model_type!r}; openglm reads 'glm', 'glm4', 'glm4_moe', "
+                "'glm4_moe_lite' and 'glm_moe_dsa'"
                 + (" (convert ChatGLM checkpoints with `openglm convert`)" if model_type == "chatglm" else "")
             )
         rope = hf.get("rope_parameters") or {}
@@ -175,7 +254,8 @@ class Config:
             raise OpenGLMError(f"hidden_act {act!r} is not supported (only 'silu')")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
-        return cls(
+        mla = _mla_from_hf(hf) if model_type in _MLA_TYPES else {}
+        fields = dict(
             name=hf.get("openglm_name", "custom"),
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -184,10 +264,10 @@ class Config:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)),
+            partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0 if mla else 0.5)),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             rms_norm_eps=hf.get("rms_norm_eps", 1.5625e-07),
-            attention_bias=hf.get("attention_bias", model_type != "glm4_moe"),
+            attention_bias=hf.get("attention_bias", model_type in ("glm", "glm4")),
             post_norms=model_type == "glm4",
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 131072),
@@ -196,12 +276,15 @@ class Config:
             pad_token_id=hf.get("pad_token_id"),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=hf.get("bos_token_id"),
-            **(_moe_from_hf(hf) if model_type == "glm4_moe" else {}),
         )
+        if model_type in ("glm4_moe", *_MLA_TYPES):
+            fields.update(_moe_from_hf(hf))
+        return cls(**{**fields, **mla})
 
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict:
         """``config.json``; ``torch_dtype`` is the dtype the model loads in by default."""
-        arch = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[self.model_type]
+        arch = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}[self.model_type]
         hf = {
             "architectures": [arch],
             "model_type": self.model_type,
@@ -239,6 +322,8 @@ class Config:
             hf["position_encoding_2d"] = True
         if self.num_experts:
             hf.update(_moe_to_hf(self))
+        if self.kv_lora_rank:
+            hf.update(_mla_to_hf(self))
         return hf
 
     def save(self, directory: str | Path, torch_dtype: str = "float32") -> None:
@@ -275,6 +360,57 @@ def _moe_to_hf(c: Config) -> dict:
     return {**{key: getattr(c, ours) for ours, key, _ in _MOE_HF_FIELDS}, "num_nextn_predict_layers": 0}
 
 
+# -- multi-head latent attention and sparse attention: glm4_moe_lite / glm_moe_dsa fields -----------
+
+_MLA_TYPES = ("glm4_moe_lite", "glm_moe_dsa")
+# (our field, HF key, transformers' default when config.json lacks the key); the DSA keys only for glm_moe_dsa.
+_MLA_HF_FIELDS = (
+    ("kv_lora_rank", "kv_lora_rank", 512),
+    ("qk_nope_head_dim", "qk_nope_head_dim", 192),
+    ("qk_rope_head_dim", "qk_rope_head_dim", 64),
+    ("v_head_dim", "v_head_dim", 256),
+    ("rope_interleave", "rope_interleave", True),
+    ("mlp_layer_types", "mlp_layer_types", None),
+)
+_DSA_HF_FIELDS = (
+    ("index_topk", "index_topk", 2048),
+    ("index_n_heads", "index_n_heads", 32),
+    ("index_head_dim", "index_head_dim", 128),
+    ("indexer_types", "indexer_types", None),
+)
+
+
+def _mla_from_hf(hf: dict) -> dict:
+    dsa = hf["model_type"] == "glm_moe_dsa"
+    out = {ours: hf.get(key, default) for ours, key, default in _MLA_HF_FIELDS + (_DSA_HF_FIELDS if dsa else ())}
+    # transformers names head_dim the rotary width here; ours is a query/key head's full width.
+    out["head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+    out["q_lora_rank"] = hf.get("q_lora_rank", 2048 if dsa else 768) or 0
+    out["num_kv_heads"] = hf["num_attention_heads"]
+    if out["mlp_layer_types"] is None:  # transformers' defaults: lite one dense layer, DSA first_k_dense_replace
+        dense = hf.get("first_k_dense_replace", 3) if dsa else 1
+        out["mlp_layer_types"] = ["dense" if i < dense else "sparse" for i in range(hf["num_hidden_layers"])]
+    if dsa and out["indexer_types"] is None:  # derived from a pattern or a frequency/offset, as transformers does
+        pattern = hf.get("index_topk_pattern")
+        if pattern is not None:
+            out["indexer_types"] = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+        else:
+            freq, offset = max(hf.get("index_topk_freq", 1), 1), hf.get("index_skip_topk_offset", 2)
+            out["indexer_types"] = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared"
+                                    for i in range(hf["num_hidden_layers"])]
+    return out
+
+
+def _mla_to_hf(c: Config) -> dict:
+    fields = _MLA_HF_FIELDS + (_DSA_HF_FIELDS if c.index_topk else ())
+    hf = {key: getattr(c, ours) for ours, key, _ in fields}
+    hf.update(q_lora_rank=c.q_lora_rank or None, head_dim=c.qk_rope_head_dim, num_key_value_heads=c.num_heads,
+              qk_head_dim=c.qk_nope_head_dim + c.qk_rope_head_dim)
+    if c.index_topk:
+        hf["layer_types"] = ["indexed_attention"] * c.num_layers
+    return hf
+
+
 # Published config.json of the zai-org checkpoints (the MTP layer left out, see _moe_to_hf).
 _GLM45 = Config(
     name="glm-4.5", vocab_size=151552, hidden_size=5120, intermediate_size=12288, num_layers=92,
@@ -289,7 +425,22 @@ _GLM45_AIR = dataclasses.replace(
 )
 _GLM46 = dataclasses.replace(_GLM45, name="glm-4.6", max_position_embeddings=202752)
 _GLM47 = dataclasses.replace(_GLM46, name="glm-4.7")
-_MOE_FAMILIES = [_GLM45, _GLM45_AIR, _GLM46, _GLM47]
+# GLM-4.7-Flash (glm4_moe_lite, 30B total / ~3B active) and GLM-5 (glm_moe_dsa, 744B / 40B active).
+_GLM47_FLASH = Config(
+    name="glm-4.7-flash", vocab_size=154880, hidden_size=2048, intermediate_size=10240, num_layers=47,
+    num_heads=20, num_kv_heads=20, head_dim=256, partial_rotary_factor=1.0, rope_theta=1_000_000.0,
+    rms_norm_eps=1e-5, attention_bias=False, max_position_embeddings=202752, pad_token_id=154820,
+    eos_token_id=[154820, 154827, 154829], num_experts=64, num_experts_per_tok=4, moe_intermediate_size=1536,
+    num_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.8,
+    kv_lora_rank=512, q_lora_rank=768, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+)
+_GLM5 = dataclasses.replace(
+    _GLM47_FLASH, name="glm-5", hidden_size=6144, intermediate_size=12288, num_layers=78, num_heads=64,
+    num_kv_heads=64, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048, first_k_dense_replace=3,
+    routed_scaling_factor=2.5, q_lora_rank=2048, mlp_layer_types=None,
+    index_topk=2048, index_n_heads=32, index_head_dim=128,
+)
+_MOE_FAMILIES = [_GLM45, _GLM45_AIR, _GLM46, _GLM47, _GLM47_FLASH, _GLM5]
 
 
 def _register(*configs: Config) -> dict[str, Config]:
@@ -299,9 +450,13 @@ def _register(*configs: Config) -> dict[str, Config]:
 def _debug(c: Config) -> Config:
     """The 2-layer, 64-wide sibling of a family, used by the tests (MoE: one dense layer, one of 8 experts)."""
     moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1) if c.num_experts else {}
+    # MLA: latent 32 + rotary 8 per token; sparse attention keeps the 8 best keys of each query.
+    mla = dict(num_kv_heads=4, head_dim=24, kv_lora_rank=32, q_lora_rank=24 if c.q_lora_rank else 0, qk_nope_head_dim=16,
+               qk_rope_head_dim=8, v_head_dim=16, mlp_layer_types=None, indexer_types=None,
+               **(dict(index_topk=8, index_n_heads=4, index_head_dim=16) if c.index_topk else {})) if c.kv_lora_rank else {}
     return dataclasses.replace(
         c, name=f"{c.name}-debug", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, **moe,
+        **{**dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, **moe), **mla},
     )
 
 

@@ -41,7 +41,7 @@ def test_info_on_a_checkpoint_and_a_config_name(tiny_checkpoint):
 def test_errors_are_one_clear_line(tmp_path, tiny_checkpoint):
     cases = [
         (("generate", str(tmp_path / "missing"), "hi"), "no checkpoint at"),
-        (("info", "glm-5"), "neither a checkpoint"),
+        (("info", "glm-6"), "neither a checkpoint"),
         (("infill", str(tiny_checkpoint), "no blanks here"), "no blank to fill"),
         (("generate", str(tiny_checkpoint), "hi", "--top-p", "2"), "top_p"),
     ]

@@ -42,8 +42,17 @@ def cmd_info(args) -> int:
     for dtype, nbytes in (("fp32", 4), ("bf16", 2), ("int8", 1), ("int4", 0.5)):
         read = f" ({per_token * nbytes / 2**20:,.1f} MiB read per decoded token)" if config.num_experts else ""
         rows.append((f"weights {dtype}", f"{n * nbytes / 2**20:,.1f} MiB{read}"))
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
-    rows.append(("KV cache bf16", f"{kv / 1024:,.1f} KiB per token"))
+    kv = config.kv_cache_bytes_per_token
+    if config.kv_lora_rank:
+        rows.append(("attention", f"multi-head latent: latent {config.kv_lora_rank} + rotary key {config.qk_rope_head_dim} "
+                                  f"cached per layer" + (f"; sparse, {config.index_topk} keys per query chosen by "
+                                                         f"{config.index_n_heads}-head indexers" if config.index_topk else "")))
+        # The comparison: the same depth with GLM-4.5's grouped-query attention (8 KV heads of 128).
+        gqa = 2 * config.num_layers * 8 * 128 * 2
+        rows.append(("KV cache bf16", f"{kv / 1024:,.1f} KiB per token (a GQA model of the same depth, 8 KV heads of "
+                                      f"128: {gqa / 1024:,.1f} KiB, {gqa / kv:.1f}x)"))
+    else:
+        rows.append(("KV cache bf16", f"{kv / 1024:,.1f} KiB per token"))
     if directory is not None:
         files = weight_files(directory)
         rows.append(("checkpoint", f"{directory} ({sum(f.stat().st_size for f in files) / 2**20:,.1f} MiB in {len(files)} file(s))"))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..config import Config
-from .kv_cache import KVCache, StaticKVCache
+from .kv_cache import KVCache, LatentKVCache, StaticKVCache
 from .masks import padding_causal_mask
 
 
@@ -124,6 +124,166 @@ class Attention(nn.Module):
         else:  # mask is a bool: causal or not (a single decode step sees every key)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+def _pairs_first(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary pairs ``(x0, x1), (x2, x3), ...`` regrouped as evens then odds, so the half-split
+    rotation of ``apply_rotary`` rotates each pair (the layout ``transformers`` gives MLA's rotary parts)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def _visibility(mask, T: int, S: int, device) -> torch.Tensor:
+    """``mask`` as a bool ``[B|1, 1, T, S]`` tensor; a flag means causal over the last ``T`` of ``S`` keys (True) or all keys."""
+    if isinstance(mask, torch.Tensor):
+        return mask
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None] if mask else \
+        torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
+
+
+class Indexer(nn.Module):
+    """GLM-5's lightning indexer (``glm_moe_dsa``): scores every visible key for each query and keeps the
+    ``index_topk`` best, the only keys the layer's attention then reads.
+
+    score(t, s) = sum_h w_h(t) * relu(q_h(t) . k(s) / sqrt(D)), with ``index_n_heads`` small query heads
+    from the query latent, one key per token (LayerNorm, cached) and per-query head weights. The first
+    ``qk_rope_head_dim`` dims of each are rotated, interleaved.
+    """
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim, self.rope_dim = config.index_n_heads, config.index_head_dim, config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def _rotate(self, x: torch.Tensor, rotations) -> torch.Tensor:
+        """Rotate the first ``rope_dim`` dims of ``x [B, H, T, D]``."""
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((apply_rotary(_pairs_first(rot), rotations, interleaved=False), rest), dim=-1)
+
+    @torch.no_grad()
+    def forward(self, x, q_latent, rotations, visible: torch.Tensor, cache: LatentKVCache | None) -> torch.Tensor:
+        """Indices ``[B, T, k]`` of the keys each query keeps, ``k = min(index_topk, S)``."""
+        B, T, _ = x.shape
+        q = self._rotate(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), rotations)
+        k = self._rotate(self.k_norm(self.wk(x))[:, None], rotations)[:, 0]  # (B, T, D)
+        if cache is not None:
+            k = cache.update_index(self.layer_idx, k)  # (B, S, D)
+        scores = torch.matmul(q.transpose(1, 2).float(), k.transpose(1, 2)[:, None].float())  # (B, T, Hi, S)
+        scores = F.relu(scores * self.head_dim ** -0.5)
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # (B, T, Hi)
+        index = torch.matmul(w[:, :, None], scores)[:, :, 0]  # (B, T, S)
+        index = index.masked_fill(~visible[:, 0], float("-inf"))
+        return index.topk(min(self.topk, index.shape[-1]), dim=-1).indices
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention as GLM-4.7-Flash (``glm4_moe_lite``) and GLM-5 (``glm_moe_dsa``) run it.
+
+    Queries come through a low-rank latent (``q_lora_rank``, RMSNorm) or one projection. Keys and values
+    share one latent ``c = RMSNorm(W_a x)[:kv_lora_rank]`` per token plus one rotary key of
+    ``qk_rope_head_dim`` dims for all heads; ``kv_b_proj`` expands ``c`` into each head's key part
+    (``qk_nope_head_dim``) and value (``v_head_dim``). The cache keeps ``c`` and the rotary key only.
+
+    A prefill with nothing cached expands the new tokens' keys and values; a step over cached tokens
+    never does: the key up-projection is absorbed into the query (``q_nope W_uk`` scores against ``c``
+    directly) and the value up-projection is applied after attention, so each step reads the latent
+    cache once. With sparse attention (``index_topk``) each query reads only the keys its indexer (or
+    the last layer's, in a "shared" layer) chose.
+    """
+
+    def __init__(self, config: Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        C, H, bias = config.hidden_size, config.num_heads, config.attention_bias
+        self.num_heads, self.kv_lora_rank = H, config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.q_lora_rank, self.interleaved = config.q_lora_rank, config.rotary_interleaved
+        qk = self.nope_dim + self.rope_dim
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)  # transformers' default eps for the latents' norms
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, C, bias=bias)
+        self.scale = qk ** -0.5
+        self.sparse = bool(config.index_topk)
+        self.indexer = Indexer(config, layer_idx) if self.sparse and config.indexer_types[layer_idx] == "full" else None
+
+    def _rotate(self, x: torch.Tensor, rotations) -> torch.Tensor:
+        return apply_rotary(_pairs_first(x) if self.interleaved else x, rotations, interleaved=False)
+
+    def forward(self, x, rotations, mask, cache: LatentKVCache | None, chosen: torch.Tensor | None = None):
+        """``x [B, T, C]`` -> ``(y [B, T, C], chosen)``; ``chosen [B, T, k]`` are the keys sparse attention
+        kept (this layer's indexer's, else the ``chosen`` passed in), None for dense attention."""
+        B, T, _ = x.shape
+        H, r = self.num_heads, self.kv_lora_rank
+        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None  # (B, T, q_lora_rank)
+        q = (self.q_b_proj(q_latent) if self.q_lora_rank else self.q_proj(x)).view(B, T, H, -1).transpose(1, 2)
+        q_nope, q_rot = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, H, T, dn), (B, H, T, dr)
+        q_rot = self._rotate(q_rot, rotations)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([r, self.rope_dim], dim=-1)  # (B, T, r), (B, T, dr)
+        entry = torch.cat((self.kv_a_layernorm(latent), self._rotate(k_rot[:, None], rotations)[:, 0]), dim=-1)
+        if cache is not None:
+            entry = cache.update(self.layer_idx, entry)  # (B, S, r + dr)
+        S = entry.shape[1]
+        if self.sparse:
+            visible = _visibility(mask, T, S, x.device)
+            if self.indexer is not None:
+                chosen = self.indexer(x, q_latent, rotations, visible, cache)
+            if chosen.shape[-1] < S:
+                return self._sparse(q_nope, q_rot, entry, visible, chosen), chosen
+        if S == T:  # nothing cached: expand the new tokens' keys and values
+            y = self._expanded(q_nope, q_rot, entry, mask)
+        else:
+            y = self._absorbed(q_nope, q_rot, entry[:, None], mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), chosen  # (B, T, C)
+
+    def _expanded(self, q_nope, q_rot, entry, mask) -> torch.Tensor:
+        """Attention over per-head keys and values built from ``entry [B, S, r + dr]`` -> ``[B, H, T, dv]``."""
+        B, S, _ = entry.shape
+        latent, k_rot = entry.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(B, S, self.num_heads, -1).transpose(1, 2)  # (B, H, S, dn + dv)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_rot[:, None].expand(-1, self.num_heads, -1, -1)), dim=-1)  # (B, H, S, dn + dr)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        if isinstance(mask, torch.Tensor):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_rot, entry, mask) -> torch.Tensor:
+        """Attention straight over latent entries ``[B', 1, S, r + dr]`` -> ``[B', H, T', dv]``.
+
+        q . k = (q_nope W_uk) . c + q_rot . k_rot and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s), with
+        ``kv_b_proj.weight`` viewed as ``[H, dn + dv, r]`` = (W_uk, W_uv) per head.
+        """
+        w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, -1))  # a view whatever the weight's memory layout
+        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
+        q = torch.cat((torch.matmul(q_nope, w_uk), q_rot), dim=-1)  # (B', H, T', r + dr)
+        v = entry[..., : self.kv_lora_rank]  # (B', 1, S, r): the latent is also the value
+        if isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, entry, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, entry, v, is_causal=mask, scale=self.scale, enable_gqa=True)
+        return torch.matmul(y, w_uv.transpose(1, 2))  # (B', H, T', dv)
+
+    def _sparse(self, q_nope, q_rot, entry, visible, chosen) -> torch.Tensor:
+        """Each query attends to its own ``k`` chosen entries only: cost ``O(k)``, not ``O(S)``, per query."""
+        B, H, T, _ = q_nope.shape
+        rows = torch.arange(B, device=entry.device)[:, None, None]
+        picked = entry[rows, chosen].flatten(0, 1)[:, None]  # (B*T, 1, k, r + dr)
+        # A query whose visible keys are fewer than k was given some it may not see (as transformers does): hide them.
+        keep = visible[:, 0].expand(B, T, -1).gather(-1, chosen).flatten(0, 1)[:, None, None]  # (B*T, 1, 1, k)
+        flat = lambda t: t.transpose(1, 2).flatten(0, 1)[:, :, None]  # (B, H, T, d) -> (B*T, H, 1, d)
+        y = self._absorbed(flat(q_nope), flat(q_rot), picked, keep)  # (B*T, H, 1, dv)
+        return self.o_proj(y.view(B, T, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -259,7 +419,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
         C, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = (LatentAttention if config.kv_lora_rank else Attention)(config, layer_idx)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(C, eps)
         self.post_attention_layernorm = RMSNorm(C, eps)
@@ -279,13 +439,23 @@ class DecoderLayer(nn.Module):
         return x + h
 
 
+class LatentDecoderLayer(DecoderLayer):
+    """A decoder layer of multi-head latent attention; hands the keys sparse attention chose on to the next layer."""
+
+    def forward(self, x, rotations, mask, cache, chosen=None):
+        h, chosen = self.self_attn(self.input_layernorm(x), rotations, mask, cache, chosen)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), chosen
+
+
 class GLMModel(nn.Module):
     """Embeddings, decoder layers and the final norm (``model.*`` in the checkpoint)."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        layer = LatentDecoderLayer if config.kv_lora_rank else DecoderLayer
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.config = config
 
@@ -303,8 +473,12 @@ class GLMModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         rows = position_ids.unbind(1) if cfg.position_encoding_2d else (position_ids,)
         rotations = [rotary_cos_sin(p, cfg.rotary_dim, cfg.rope_theta, x.dtype) for p in rows]
+        chosen = None  # sparse attention: the keys the last indexer chose
         for layer in self.layers:
-            x = layer(x, rotations, mask, cache)
+            if cfg.kv_lora_rank:
+                x, chosen = layer(x, rotations, mask, cache, chosen)
+            else:
+                x = layer(x, rotations, mask, cache)
             if between_layers is not None:
                 between_layers()
         return self.norm(x)
@@ -347,6 +521,9 @@ class GLMForCausalLM(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
             elif isinstance(module, Router):
                 module.weight.normal_(0.0, std, generator=gen)
                 module.e_score_correction_bias.zero_()
@@ -417,10 +594,17 @@ class GLMForCausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_length: int, dtype=None, device=None, static: bool = False) -> KVCache:
         """A preallocated KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
 
-        ``static=True`` gives a ``StaticKVCache`` (fixed shapes, for a compiled decode step).
+        ``static=True`` gives a ``StaticKVCache`` (fixed shapes, for a compiled decode step). Latent-attention
+        models get a ``LatentKVCache`` (the latent and rotary key per token, not keys and values).
         """
         w = self.model.norm.weight  # never quantized: the activations' dtype and device
         c = self.config
+        if c.kv_lora_rank:
+            if static:
+                raise ValueError("latent-attention models have no static (compiled-decode) cache")
+            index_layers = [i for i, t in enumerate(c.indexer_types or []) if t == "full"]
+            return LatentKVCache(c.num_layers, batch_size, max_length, c.kv_cache_width, index_layers, c.index_head_dim,
+                                 dtype=dtype or w.dtype, device=device or w.device)
         return (StaticKVCache if static else KVCache)(c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim,
                                                       dtype=dtype or w.dtype, device=device or w.device)
 

@@ -75,3 +75,50 @@ class StaticKVCache(KVCache):
         self.k_layers[layer].index_copy_(2, self.slots, k)
         self.v_layers[layer].index_copy_(2, self.slots, v)
         return self.k_layers[layer], self.v_layers[layer]
+
+
+class LatentKVCache(nn.Module):
+    """The cache of multi-head latent attention: per layer and token only the normalised key/value
+    latent and the rotated rotary key, ``latent [layers, B, max_length, kv_lora_rank + qk_rope_head_dim]``
+    (never the per-head keys and values, which decoding never rebuilds), plus, for sparse attention,
+    the indexer's key of each layer that runs an indexer, ``index [full layers, B, max_length, index_head_dim]``.
+
+    Non-persistent buffers, written in place at ``length``, which the model advances after each forward.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, width: int, index_layers: list[int] = (),
+                 index_width: int = 0, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("latent", torch.zeros(num_layers, batch_size, max_length, width, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("index", torch.zeros(len(index_layers), batch_size, max_length, index_width, dtype=dtype,
+                                                  device=device), persistent=False)
+        self.index_slot = {layer: i for i, layer in enumerate(index_layers)}
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.latent.shape[2]
+
+    def _write(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        start, end = self.length, self.length + x.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
+        buffer[:, start:end] = x
+        return buffer[:, :end]
+
+    def update(self, layer: int, entry: torch.Tensor) -> torch.Tensor:
+        """Write ``entry [B, T, width]`` at ``length``; return the layer's filled entries ``[B, length+T, width]``."""
+        return self._write(self.latent[layer], entry)
+
+    def update_index(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """The same for the indexer keys ``[B, T, index_head_dim]`` of ``layer``."""
+        return self._write(self.index[self.index_slot[layer]], k)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (e.g. after some sequences finished)."""
+        self.latent = self.latent[:, rows].contiguous()
+        self.index = self.index[:, rows].contiguous()

@@ -34,8 +34,8 @@ def test_glm_tiny_is_in_the_promised_range():
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(OpenGLMError, match="unknown config name 'glm-5'.*glm-tiny"):
-        Config.from_name("glm-5")
+    with pytest.raises(OpenGLMError, match="unknown config name 'glm-6'.*glm-tiny"):
+        Config.from_name("glm-6")
 
 
 def test_hf_dict_round_trip():
