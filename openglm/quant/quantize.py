@@ -77,6 +77,10 @@ def quantizable_modules(model: nn.Module, include_embeddings: bool, include_lm_h
     tied = model.config.tie_word_embeddings
     names = []
     for name, module in model.named_modules():
+        # Latent attention reads kv_b_proj's weight itself (absorbed into the query and output when decoding),
+        # and the sparse-attention indexer chooses keys by ranking: both stay in full precision.
+        if name.endswith(".self_attn.kv_b_proj") or ".self_attn.indexer." in name:
+            continue
         if isinstance(module, Experts):
             names.append(name)
         elif isinstance(module, nn.Linear) and (name != "lm_head" or (include_lm_head and not tied)):
