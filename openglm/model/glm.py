@@ -177,6 +177,8 @@ class Indexer(nn.Module):
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # (B, T, Hi)
         index = torch.matmul(w[:, :, None], scores)[:, :, 0]  # (B, T, S)
         index = index.masked_fill(~visible[:, 0], float("-inf"))
+        # As transformers: topk over the row. relu makes exact ties (a key every head scores negative gets 0);
+        # which of tied keys topk keeps is its own choice, and may differ between a full forward and a decode step.
         return index.topk(min(self.topk, index.shape[-1]), dim=-1).indices
 
 
