@@ -1,6 +1,14 @@
 """Decode and prefill speed of openglm versus transformers on the same random GLM-4 weights.
 
     python bench/decode.py [--config glm-4-100m] [--new-tokens 128] [--prompt 512] [--repeats 3] [--batch 1,4]
+    python bench/decode.py --mla [--steps 16] [--repeats 3]
+
+``--mla`` instead compares multi-head latent attention with grouped-query attention at the same size:
+``glm-4-100m`` (GQA, 2 KV heads of 64) against the same network with MLA attention (latent 128 + rotary
+key 32 per layer), decoding at batch 1 and 16 after 256 and 2048 tokens of context. The caches are
+filled with random values up to the context (a decode step's cost depends on how many keys it reads,
+not on their values), then ``--steps`` greedy steps are timed; it reports tokens/s and the KV cache
+memory of the whole batch.
 
 Both run fp32 on the CPU with the same thread count. Every configuration is measured in turn,
 repeats times, and the median of each is reported, so a busy machine slows all alike. openglm
@@ -12,6 +20,7 @@ once, so steps/s <= memory read bandwidth (bench/bandwidth.py) / bytes of weight
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -44,6 +53,53 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def mla_config(gqa: Config) -> Config:
+    """``gqa`` with multi-head latent attention of about the same parameters (dense MLPs, no experts)."""
+    return dataclasses.replace(gqa, name=f"{gqa.name}-mla", num_kv_heads=gqa.num_heads, head_dim=96, partial_rotary_factor=1.0,
+                               post_norms=False, attention_bias=False, kv_lora_rank=128, qk_nope_head_dim=64,
+                               qk_rope_head_dim=32, v_head_dim=64, mlp_layer_types=None)
+
+
+def mla_vs_gqa(args) -> None:
+    gqa = Config.from_name("glm-4-100m")
+    rows = []
+    models = {name: GLMForCausalLM.from_config(c, seed=0).eval() for name, c in (("GQA", gqa), ("MLA", mla_config(gqa)))}
+    cases = [(name, b, ctx) for ctx in (256, 2048) for b in (1, 16) for name in models]
+    times = {case: [] for case in cases}
+    caches = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for case in cases:
+                name, b, ctx = case
+                model = models[name]
+                if case not in caches:
+                    cache = caches[case] = model.new_cache(b, ctx + args.steps)
+                    for buf in cache.buffers():
+                        buf.normal_()
+                cache = caches[case]
+                tokens = torch.randint(0, gqa.vocab_size, (b, 1))
+                cache.length = ctx
+
+                def run():
+                    nonlocal tokens
+                    for _ in range(args.steps):
+                        tokens = model(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+                times[case] += timed(run, 1)
+            if _ == 0:
+                times = {case: [] for case in cases}
+    print(f"fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} decode steps, median of {args.repeats}")
+    print("| attention | parameters | batch | context | tokens/s | KV cache (fp32) | KV cache per token (bf16) |")
+    print("|---|---|---|---|---|---|---|")
+    for case in cases:
+        name, b, ctx = case
+        model, cache = models[name], caches[case]
+        kv = sum(buf.numel() * buf.element_size() for buf in cache.buffers()) * ctx / cache.max_length
+        per = model.config.kv_cache_bytes_per_token
+        rows.append(f"| {name} | {model.config.num_parameters / 1e6:.1f}M | {b} | {ctx} | "
+                    f"{b * args.steps / statistics.median(times[case]):.1f} | {kv / 2**20:.1f} MiB | {per / 1024:.1f} KiB |")
+    print("\n".join(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="glm-4-100m")
@@ -51,7 +107,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512, help="prompt length for the prefill measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", default="1,4", help="batch sizes for openglm decode (transformers: batch 1)")
+    ap.add_argument("--mla", action="store_true", help="compare latent (MLA) and grouped-query attention instead")
+    ap.add_argument("--steps", type=int, default=16, help="--mla: decode steps timed per measurement")
     args = ap.parse_args()
+    if args.mla:
+        return mla_vs_gqa(args)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)

@@ -163,9 +163,14 @@ class Config:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
+    def index_layers(self) -> list[int]:
+        """The layers that run a sparse-attention indexer (and cache its keys)."""
+        return [i for i, t in enumerate(self.indexer_types or []) if t == "full"] if self.index_topk else []
+
+    @property
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes of bf16 KV cache one token takes over all layers."""
-        index = self.index_head_dim * self.indexer_types.count("full") if self.index_topk else 0
+        index = self.index_head_dim * len(self.index_layers)
         return 2 * (self.num_layers * self.kv_cache_width + index)
 
     @property
@@ -205,7 +210,7 @@ class Config:
         layers = self.num_layers * (attn + norms) + (self.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
         if self.index_topk:  # wq_b, wk, k_norm (weight and bias), weights_proj of each full layer
             ih, id_ = self.index_n_heads, self.index_head_dim
-            layers += self.indexer_types.count("full") * (self.q_lora_rank * ih * id_ + d * id_ + 2 * id_ + d * ih)
+            layers += len(self.index_layers) * (self.q_lora_rank * ih * id_ + d * id_ + 2 * id_ + d * ih)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return layers + embed + d
 

@@ -264,17 +264,23 @@ class LatentAttention(nn.Module):
         """Attention straight over latent entries ``[B', 1, S, r + dr]`` -> ``[B', H, T', dv]``.
 
         q . k = (q_nope W_uk) . c + q_rot . k_rot and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s), with
-        ``kv_b_proj.weight`` viewed as ``[H, dn + dv, r]`` = (W_uk, W_uv) per head.
+        ``kv_b_proj.weight`` viewed as ``[H, dn + dv, r]`` = (W_uk, W_uv) per head. All heads share the
+        entries, so they run as ``H * T'`` queries of one head: the cache is read once, never copied per head.
         """
-        w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, -1))  # a view whatever the weight's memory layout
+        B, H, T, _ = q_nope.shape
+        w = self.kv_b_proj.weight.unflatten(0, (H, -1))  # a view whatever the weight's memory layout
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
-        q = torch.cat((torch.matmul(q_nope, w_uk), q_rot), dim=-1)  # (B', H, T', r + dr)
-        v = entry[..., : self.kv_lora_rank]  # (B', 1, S, r): the latent is also the value
+        q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_rot), dim=-1)  # (B', H, T', r + dr)
+        q = q.reshape(B, 1, H * T, -1)  # (B', 1, H*T', r + dr)
         if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, entry, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, entry, v, is_causal=mask, scale=self.scale, enable_gqa=True)
-        return torch.matmul(y, w_uv.transpose(1, 2))  # (B', H, T', dv)
+            mask = mask.expand(B, 1, T, -1)[:, :, None].expand(-1, -1, H, -1, -1).reshape(B, 1, H * T, -1)
+        elif mask:  # causal over the last T' keys, for each head
+            mask = _visibility(True, T, entry.shape[2], q.device).expand(B, 1, T, -1)[:, :, None].expand(
+                -1, -1, H, -1, -1).reshape(B, 1, H * T, -1)
+        v = entry[..., : self.kv_lora_rank]  # (B', 1, S, r): the latent is also the value
+        y = F.scaled_dot_product_attention(q, entry, v, attn_mask=mask if isinstance(mask, torch.Tensor) else None,
+                                           scale=self.scale)  # (B', 1, H*T', r)
+        return torch.einsum("bhtr,hvr->bhtv", y.reshape(B, H, T, -1), w_uv)  # (B', H, T', dv)
 
     def _sparse(self, q_nope, q_rot, entry, visible, chosen) -> torch.Tensor:
         """Each query attends to its own ``k`` chosen entries only: cost ``O(k)``, not ``O(S)``, per query."""
@@ -285,7 +291,7 @@ class LatentAttention(nn.Module):
         keep = visible[:, 0].expand(B, T, -1).gather(-1, chosen).flatten(0, 1)[:, None, None]  # (B*T, 1, 1, k)
         flat = lambda t: t.transpose(1, 2).flatten(0, 1)[:, :, None]  # (B, H, T, d) -> (B*T, H, 1, d)
         y = self._absorbed(flat(q_nope), flat(q_rot), picked, keep)  # (B*T, H, 1, dv)
-        return self.o_proj(y.view(B, T, -1))  # (B, T, C)
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, C)
 
 
 class MLP(nn.Module):

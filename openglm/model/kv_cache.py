@@ -100,7 +100,7 @@ class LatentKVCache(nn.Module):
     def max_length(self) -> int:
         return self.latent.shape[2]
 
-    def _write(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _append(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         start, end = self.length, self.length + x.shape[1]
         if end > self.max_length:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_length} allocated")
@@ -109,11 +109,11 @@ class LatentKVCache(nn.Module):
 
     def update(self, layer: int, entry: torch.Tensor) -> torch.Tensor:
         """Write ``entry [B, T, width]`` at ``length``; return the layer's filled entries ``[B, length+T, width]``."""
-        return self._write(self.latent[layer], entry)
+        return self._append(self.latent[layer], entry)
 
     def update_index(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """The same for the indexer keys ``[B, T, index_head_dim]`` of ``layer``."""
-        return self._write(self.index[self.index_slot[layer]], k)
+        return self._append(self.index[self.index_slot[layer]], k)
 
     def reset(self) -> None:
         self.length = 0

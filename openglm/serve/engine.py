@@ -40,7 +40,7 @@ from ..errors import OpenGLMError
 from ..infer.generate import _Detokenizer, _stop_ids
 from ..infer.sampling import SamplingParams, sample_each
 from ..model.glm import use_decode_layout
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, LatentKVCache
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class SlotKVCache(KVCache):
         ``0..p``, so keys past a shorter row's end, which hold stale values, stay hidden. Padding
         queries take earlier positions; their keys and values are never written.
         """
-        device = self.k.device
+        device = self.device
         T = max(counts)
         starts = torch.tensor([self.lengths[r] for r in rows], device=device)[:, None]  # (B', 1)
         pads = torch.tensor([T - n for n in counts], device=device)[:, None]
@@ -147,7 +147,7 @@ class SlotKVCache(KVCache):
         all those slots laid end to end (``S`` = the sum of their new lengths): a token sees its own
         slot's keys up to its position, nothing of the others.
         """
-        device = self.k.device
+        device = self.device
         starts = [self.lengths[r] for r in rows]
         ends = [start + n for start, n in zip(starts, counts)]
         count_t, end_t = torch.tensor(counts, device=device), torch.tensor(ends, device=device)
@@ -166,6 +166,10 @@ class SlotKVCache(KVCache):
         for r, n in zip(rows, counts):
             self.lengths[r] += n
         return token_pos[None], mask[None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the real tokens of ``k, v [B', K, T, D]`` at their planned positions; return the
@@ -193,6 +197,38 @@ class SlotKVCache(KVCache):
     def free(self, slot: int) -> None:
         """Mark ``slot`` empty; its old keys stay in memory but are never visible again."""
         self.lengths[slot] = 0
+
+
+class SlotLatentKVCache(SlotKVCache, LatentKVCache):
+    """``SlotKVCache``'s slots and planning over a ``LatentKVCache``'s buffers (latent-attention models): each
+    slot keeps per token the latent and the rotary key (and, for sparse attention, the indexer keys)."""
+
+    max_length = LatentKVCache.max_length
+
+    def __init__(self, *args, **kwargs):
+        LatentKVCache.__init__(self, *args, **kwargs)  # its buffers, not KVCache's
+        self.lengths = [0] * self.latent.shape[1]
+        self._write, self._read, self._keys = None, slice(0), 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent.device
+
+    def _planned(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Write the real tokens of ``x [B', T, W]`` into ``buffer [slots, max_length, W]`` at their planned
+        positions; return the planned rows' entries ``[B', S, W]`` (packed: ``[1, S, W]``, the slots end to end)."""
+        real, slots, pos = self._write
+        buffer[slots, pos] = x[real]
+        if isinstance(self._read, tuple):
+            key_slots, key_pos = self._read
+            return buffer[key_slots, key_pos][None]
+        return buffer[self._read, : self._keys]
+
+    def update(self, layer: int, entry: torch.Tensor) -> torch.Tensor:
+        return self._planned(self.latent[layer], entry)
+
+    def update_index(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        return self._planned(self.index[self.index_slot[layer]], k)
 
 
 _END = object()  # queued after a request's last event
@@ -328,8 +364,13 @@ class Engine:
         self.preemptions = 0  # forwards paused between two layers to prefill prompts that arrived meanwhile
         weight = model.model.norm.weight  # never quantized: the cache's dtype and device
         self._device = weight.device
-        self._cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
-                                  config.head_dim, dtype=weight.dtype, device=weight.device)
+        if config.kv_lora_rank:
+            self._cache = SlotLatentKVCache(config.num_layers, max_batch_size, max_seq_len, config.kv_cache_width,
+                                            config.index_layers, config.index_head_dim, dtype=weight.dtype,
+                                            device=weight.device)
+        else:
+            self._cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
+                                      config.head_dim, dtype=weight.dtype, device=weight.device)
         self._slots: list[_Sequence | None] = [None] * max_batch_size
         self._waiting: deque[_Sequence] = deque()
         self._calls: deque[tuple[concurrent.futures.Future, Callable, tuple, dict]] = deque()
