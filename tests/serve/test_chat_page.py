@@ -137,6 +137,8 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
         visible(".msg.assistant .badge")
         shot("chat")
 
+        auth = {"Authorization": f"Bearer {secret}"}
+
         # Reload: the conversation is on the server, with both questions and the stopped answer.
         browser.refresh()
         item = visible("#conversations li.conversation")
@@ -146,8 +148,28 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
                    == ["Hello there", "Tell me a long story"])
         assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
 
+        def saved() -> list[tuple[str, str]]:
+            conversations = httpx.get(server.url + "/v1/conversations", headers=auth).json()["data"]
+            messages = httpx.get(server.url + f"/v1/conversations/{conversations[0]['id']}", headers=auth)
+            return [(m["role"], m["content"]) for m in messages.json()["messages"]]
+
+        # Regenerate replaces the last answer; edit-and-resend replaces a question and what followed it.
+        old_answer = saved()[3][1]
+        visible(".msg.assistant .regenerate")[0].click()
+        wait.until(lambda b: re.fullmatch(r"\d+ prompt \+ \d+ completion tokens", b.find_element(By.ID, "status").text))
+        wait.until(lambda b: len(saved()) == 4 and saved()[3][1] != old_answer)
+        assert [role for role, _ in saved()] == ["user", "assistant", "user", "assistant"]
+        browser.find_elements(By.CSS_SELECTOR, ".msg.user .edit")[0].click()
+        editor = visible(".msg.user .editor")[0]
+        editor.clear()
+        editor.send_keys("Hello again")
+        find(By.CSS_SELECTOR, ".msg.user .resend").click()
+        wait.until(lambda b: len(saved()) == 2)
+        assert saved()[0] == ("user", "Hello again") and saved()[1][0] == "assistant"
+        wait.until(lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.user .body")] == ["Hello again"])
+
         # Search, then delete it (confirming the dialog): gone from the page and from the server.
-        find(By.ID, "search").send_keys("long story")
+        find(By.ID, "search").send_keys("hello AGAIN")
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#conversations li.conversation")) == 1)
         find(By.ID, "search").clear()
         find(By.ID, "search").send_keys("no such words")
@@ -156,7 +178,7 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
         visible("#conversations li.conversation .delete")[0].click()
         wait.until(lambda b: b.switch_to.alert).accept()
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#conversations li.empty"))
-        listed = httpx.get(server.url + "/v1/conversations", headers={"Authorization": f"Bearer {secret}"})
+        listed = httpx.get(server.url + "/v1/conversations", headers=auth)
         assert listed.json()["data"] == []
 
         # Infill: each blank's span is highlighted in the filled text.
@@ -176,7 +198,7 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
 
         # Usage: balance, the chart, and the requests just made, newest first.
         find(By.CSS_SELECTOR, "#tabs [data-view='usage']").click()
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#requests tbody tr[data-request-id]")) == 3)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#requests tbody tr[data-request-id]")) == 5)
         ids = [r.get_attribute("data-request-id") for r in browser.find_elements(By.CSS_SELECTOR, "#requests tbody tr")]
         assert ids == [r.request_id for r in store.recent_requests(account.id)]
         assert browser.find_elements(By.CSS_SELECTOR, "#chart svg rect.bar")
@@ -207,13 +229,19 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
                   "```python\ndef infill(text: str) -> str:\n    return model.fill(text)  # $x$ stays code\n```\n\n"
                   "Inline math $e^{i\\pi} + 1 = 0$ and <img src=x id=injected onerror=alert(1)>.")
         made = httpx.post(server.url + "/v1/conversations", headers={"Authorization": f"Bearer {secret}"}, json={
-            "title": "Markdown", "messages": [{"role": "user", "content": "How does GLM fill blanks?"},
-                                              {"role": "assistant", "content": answer}]})
+            "title": "Markdown", "messages": [
+                {"role": "user", "content": "What is 2 + 3? Then: how does GLM fill blanks?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+                {"role": "tool", "content": "5"}, {"role": "assistant", "content": answer}]})
         assert made.status_code == 201
         find(By.CSS_SELECTOR, "#tabs [data-view='chat']").click()
+        browser.set_window_size(1280, 1180)  # the whole conversation in one screenshot
         browser.refresh()
         visible("#conversations li.conversation .open")[0].click()
-        rendered = visible(".msg.assistant .body")[0]
+        call = visible(".msg.assistant .tool-call")[0]
+        assert "add" in call.text and '"b": 3' in call.text and visible(".msg.tool")[0].text.startswith("⚙ tool")
+        rendered = visible(".msg.assistant .body")[-1]
         assert rendered.find_elements(By.CSS_SELECTOR, "h2") and rendered.find_elements(By.CSS_SELECTOR, "table td code")
         assert rendered.find_elements(By.CSS_SELECTOR, "pre code.language-python .hljs-keyword")
         assert len(rendered.find_elements(By.CSS_SELECTOR, ".katex")) == 2  # the one in code stays code
@@ -243,10 +271,12 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
             find(By.ID, "signout").click()
             find(By.ID, "key").send_keys(key, Keys.ENTER)
             visible("#view-chat")
+            if key == broke_secret:  # said at sign-in already, and again for the request it refuses
+                wait.until(lambda b: said in b.find_element(By.ID, "banner").text)
             for _ in range(sends):
                 wait.until(lambda b: b.find_element(By.ID, "send").is_displayed())
                 find(By.ID, "input").send_keys("Hi", Keys.ENTER)
-            wait.until(lambda b: said in b.find_element(By.ID, "banner").text)
+            wait.until(lambda b: any(said in e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")))
         shot("error-rate-limited")
 
         # The server dies mid-answer: the page says the connection was lost and keeps what arrived.

@@ -99,7 +99,7 @@ async function signIn(secret) {
     $("key").value = "";
     $("signin").hidden = true;
     $("app").hidden = false;
-    showBanner("");
+    showBanner(state.account.available > 0 ? "" : t("err.balance"));
     await Promise.all([loadModels(), loadConversations()]);
     newChat();
     showView(state.view);
