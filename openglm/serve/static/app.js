@@ -279,7 +279,7 @@ function messageElement(m, index) {
     body.textContent = m.content;
   } else if (m.role === "tool") {
     body.append(el("div", {class: "tool-label", text: "⚙ tool"}), el("pre", {text: m.content}));
-  } else {
+  } else if (m.content) {
     renderMarkdown(body, m.content);
     addCodeCopyButtons(body);
   }
