@@ -93,7 +93,8 @@ SPLIT_PIECES = [
      [("{p}.gate_proj.weight", "gate"), ("{p}.up_proj.weight", "up")]),
 ]
 # Names of float32 tensors whatever the model's dtype: the router chooses experts (as transformers keeps them).
-ROUTER_TENSOR = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+# GLM-5's indexers weigh their heads in float32 too (transformers keeps indexer.weights_proj in float32).
+ROUTER_TENSOR = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$|\.self_attn\.indexer\.weights_proj\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..config import Config
+from ..errors import OpenGLMError
 from .kv_cache import KVCache, LatentKVCache, StaticKVCache
 from .masks import padding_causal_mask
 
@@ -609,7 +610,7 @@ class GLMForCausalLM(nn.Module):
         c = self.config
         if c.kv_lora_rank:
             if static:
-                raise ValueError("latent-attention models have no static (compiled-decode) cache")
+                raise OpenGLMError("latent-attention models have no static cache: run them without compile")
             index_layers = [i for i, t in enumerate(c.indexer_types or []) if t == "full"]
             return LatentKVCache(c.num_layers, batch_size, max_length, c.kv_cache_width, index_layers, c.index_head_dim,
                                  dtype=dtype or w.dtype, device=device or w.device)

@@ -137,6 +137,19 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, name):
         assert torch.equal(v, back.state_dict()[k]), k
 
 
+def test_bfloat16_load_keeps_routers_and_indexer_weights_in_float32(tmp_path):
+    hf_model("dsa", seed=8).save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype=torch.bfloat16)
+    attn = ours.model.layers[2].self_attn
+    assert attn.indexer.weights_proj.weight.dtype == ours.model.layers[2].mlp.gate.weight.dtype == torch.float32
+    assert attn.indexer.wq_b.weight.dtype == attn.kv_b_proj.weight.dtype == torch.bfloat16
+    cache = ours.new_cache(1, 16)
+    assert cache.latent.dtype == torch.bfloat16
+    with torch.no_grad():
+        steps = [ours(ids(1, 9, 9), cache=cache)] + [ours(ids(1, 1, t), cache=cache) for t in range(3)]
+    assert all(torch.isfinite(s).all() for s in steps)
+
+
 def test_config_json_round_trips_through_transformers(tmp_path):
     for name, model_type in (("glm-4.7-flash", "glm4_moe_lite"), ("glm-5", "glm_moe_dsa")):
         config = Config.from_name(name)
