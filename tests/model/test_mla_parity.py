@@ -196,3 +196,16 @@ def test_sparse_attention_cost_per_decode_step_stops_growing_past_index_topk():
     assert dense_attention[0] < dense_attention[1] < dense_attention[2] < dense_attention[3]
     # Only the light indexer's scoring still grows (one 16-wide key per token and layer).
     assert attention[8][1] < attention[32][1] < attention[128][1]
+
+
+def test_info_shows_the_latent_cache_next_to_gqa():
+    import re
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "openglm", "info", "glm-4.7-flash"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines()[:11])
+    assert lines["model type"] == "glm4_moe_lite"
+    assert lines["attention"] == "multi-head latent: latent 512 + rotary key 64 cached per layer"
+    assert lines["KV cache bf16"] == "52.9 KiB per token (a GQA model of the same depth, 8 KV heads of 128: 188.0 KiB, 3.6x)"
