@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from openglm import Config, GLMForCausalLM, OpenGLMError, load_model, save_model  # noqa: E402
+from padding import padded_logits  # noqa: E402
 
 TOL = 1e-4
 
@@ -98,15 +99,9 @@ def test_padded_batch_matches_transformers(tmp_path, shape):
     ours = load_model(tmp_path)
     V = ours.config.vocab_size
     ids = torch.randint(2, V, (3, 12), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, :5] = 0  # left padding
-    mask[2, :9] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    a, b, real = padded_logits(hf, ours, ids, [0, 5, 9])
     with torch.no_grad():
-        a = hf(ids, attention_mask=mask, position_ids=pos).logits
-        b = ours(ids, position_ids=pos, attention_mask=mask)
         alone = ours(ids[2:3, 9:])
-    real = mask.bool()
     assert (a[real] - b[real]).abs().max().item() < TOL
     assert (alone[0] - b[2, 9:]).abs().max().item() < TOL  # padding rows never change a real row's experts
 

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from openglm import Config, GLMForCausalLM, OpenGLMError, load_model, save_model  # noqa: E402
+from padding import padded_logits  # noqa: E402
 
 TOL = 1e-4
 
@@ -60,14 +61,7 @@ def test_padded_batch_matches_transformers(tmp_path, post_norms):
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     ids = torch.randint(2, 320, (3, 12), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, :5] = 0  # left padding
-    mask[2, :9] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        a = hf(ids, attention_mask=mask, position_ids=pos).logits
-        b = ours(ids, position_ids=pos, attention_mask=mask)
-    real = mask.bool()
+    a, b, real = padded_logits(hf, ours, ids, [0, 5, 9])
     assert (a[real] - b[real]).abs().max().item() < TOL
     # Each padded row equals the same prompt run alone without padding.
     with torch.no_grad():
