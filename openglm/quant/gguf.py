@@ -1,4 +1,7 @@
-"""Export a GLM-4 (``glm4``) or GLM-4.5 MoE (``glm4_moe``) checkpoint to GGUF for llama.cpp, with the ``gguf`` package.
+"""Export a GLM-4 (``glm4``), GLM-4.5 MoE (``glm4_moe``), GLM-4.7-Flash (``glm4_moe_lite``) or GLM-5
+(``glm_moe_dsa``) checkpoint to GGUF for llama.cpp, with the ``gguf`` package.
+
+The latent-attention models go out as llama.cpp's ``deepseek2`` and ``glm-dsa`` (see ``_latent_tensors``).
 
 Tensor names come from ``gguf``'s own map for llama.cpp's ``glm4`` and ``glm4moe`` architectures (the
 ones ``convert_hf_to_gguf.py`` uses); GLM-4 rotates interleaved pairs, which is llama.cpp's "normal"
@@ -24,6 +27,8 @@ import numpy as np
 from ..errors import OpenGLMError
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp converts GLM-4.7-Flash as DeepSeek-V2 (``deepseek2``) and GLM-5 as its own ``glm-dsa``.
+LATENT_ARCHS = {"glm4_moe_lite": "DEEPSEEK2", "glm_moe_dsa": "GLM_DSA"}
 # Pre-tokenizer name llama.cpp knows for our split regex (see the module docstring).
 TOKENIZER_PRE = "qwen2"
 
@@ -66,7 +71,7 @@ def _tokenizer_metadata(writer, directory: Path, vocab_size: int) -> None:
 
 
 def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -> Path:
-    """Write checkpoint ``source`` (a full-precision ``glm4`` checkpoint with its tokenizer) to the
+    """Write checkpoint ``source`` (a full-precision checkpoint with its tokenizer) to the
     GGUF file ``output``, weight matrices as ``out_type`` (one of ``GGUF_TYPES``). Returns the path."""
     import gguf
     import torch
@@ -81,11 +86,15 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     if getattr(model, "quantization", None) is not None:
         raise OpenGLMError(f"{directory} is quantized ({model.quantization.label}); export the full-precision "
                            "checkpoint and choose --gguf-type q8_0 or q4_0 instead")
-    if c.model_type not in ("glm4", "glm4_moe") or c.position_encoding_2d:
-        raise OpenGLMError("GGUF export handles the GLM-4-0414 (`glm4`) and GLM-4.5 MoE (`glm4_moe`) architectures only")
+    mla = c.model_type in LATENT_ARCHS
+    if c.model_type not in ("glm4", "glm4_moe", *LATENT_ARCHS) or c.position_encoding_2d:
+        raise OpenGLMError("GGUF export handles the GLM-4-0414 (`glm4`), GLM-4.5 MoE (`glm4_moe`), GLM-4.7-Flash "
+                           "(`glm4_moe_lite`) and GLM-5 (`glm_moe_dsa`) architectures only")
     if c.n_group > 1:
         raise OpenGLMError(f"GGUF export of group-limited routing (n_group={c.n_group}) is not supported: "
-                           "llama.cpp's glm4moe routes over all experts")
+                           "this export routes over all experts")
+    if mla:
+        _check_latent(c)
     if not (directory / "tokenizer.json").is_file():
         raise OpenGLMError(f"no tokenizer.json in {directory}; GGUF files carry their tokenizer")
 
@@ -93,6 +102,8 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     arch = gguf.MODEL_ARCH.GLM4_MOE if c.num_experts else gguf.MODEL_ARCH.GLM4
+    if mla:
+        arch = getattr(gguf.MODEL_ARCH, LATENT_ARCHS[c.model_type])
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(c.name)
     writer.add_context_length(c.max_position_embeddings)
@@ -100,13 +111,16 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
     writer.add_block_count(c.num_layers)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
-    writer.add_rope_dimension_count(c.rotary_dim)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    if c.num_experts:
+    if mla:
+        _latent_metadata(writer, c)
+    else:
+        writer.add_head_count_kv(c.num_kv_heads)
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
+        writer.add_rope_dimension_count(c.rotary_dim)
+    if c.num_experts and not mla:
         writer.add_expert_count(c.num_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
         writer.add_expert_shared_count(c.num_shared_experts)
@@ -124,6 +138,8 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
 
     names = gguf.get_tensor_name_map(arch, c.num_layers)
     state = _moe_names(model.state_dict()) if c.num_experts else model.state_dict()
+    if mla:
+        state = _latent_tensors(state, c)
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")  # llama.cpp reuses token_embd when there is no output tensor
     for name, t in state.items():
@@ -137,6 +153,9 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
             writer.add_tensor(new_name, data.astype(np.float16))
         elif out_type == "f32":
             writer.add_tensor(new_name, data)
+        elif data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            # Rows shorter than a quantization block (small MLA heads): f16, as convert_hf_to_gguf.py falls back.
+            writer.add_tensor(new_name, data.astype(np.float16))
         else:
             writer.add_tensor(new_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     try:
@@ -169,4 +188,95 @@ def _moe_names(state: dict) -> dict:
             out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = t
         else:
             out[name] = t
+    return out
+
+
+def _check_latent(c) -> None:
+    """Refuse what llama.cpp's ``deepseek2`` / ``glm-dsa`` graphs cannot represent, one line each."""
+    if c.attention_bias:
+        raise OpenGLMError("GGUF export of latent attention with attention_bias is not supported: "
+                           "llama.cpp's deepseek2/glm-dsa attention has no projection biases")
+    kinds = c.mlp_layer_types
+    dense = kinds.index("sparse") if "sparse" in kinds else len(kinds)
+    if "dense" in kinds[dense:]:
+        raise OpenGLMError(f"GGUF export needs the dense MLP layers first (mlp_layer_types={kinds}): "
+                           "llama.cpp only knows a count of leading dense layers")
+    if c.index_topk and "shared" in c.indexer_types:
+        raise OpenGLMError(f"GGUF export of indexer_types with 'shared' layers ({c.indexer_types}) is not supported: "
+                           "this gguf version has no key for it, llama.cpp's glm-dsa runs an indexer in every layer")
+
+
+def _latent_metadata(writer, c) -> None:
+    """The keys ``convert_hf_to_gguf.py`` writes for ``deepseek2`` and ``glm-dsa``: attention runs as MQA
+    over the latent (one key/value "head" of ``kv_lora_rank + qk_rope_head_dim`` / ``kv_lora_rank``), with
+    the per-head sizes in the ``_mla`` keys."""
+    import gguf
+
+    r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_head_count_kv(1)
+    if c.q_lora_rank:
+        writer.add_q_lora_rank(c.q_lora_rank)
+    writer.add_kv_lora_rank(r)
+    writer.add_key_length(r + dr)
+    writer.add_value_length(r)
+    writer.add_key_length_mla(c.qk_nope_head_dim + dr)
+    writer.add_value_length_mla(c.v_head_dim)
+    writer.add_rope_dimension_count(dr)
+    kinds = c.mlp_layer_types
+    writer.add_leading_dense_block_count(kinds.index("sparse") if "sparse" in kinds else len(kinds))
+    writer.add_expert_feed_forward_length(c.moe_intermediate_size if c.num_experts else c.intermediate_size)
+    writer.add_expert_shared_count(c.num_shared_experts if c.num_experts else 0)
+    if c.num_experts:
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_weights_scale(c.routed_scaling_factor)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+    writer.add_nextn_predict_layers(0)
+    if c.index_topk:
+        writer.add_indexer_head_count(c.index_n_heads)
+        writer.add_indexer_key_length(c.index_head_dim)
+        writer.add_indexer_top_k(c.index_topk)
+
+
+def _rope_rows(t, start: int, dim: int, period: int, to_pairs: bool):
+    """Reorder the rotary output rows ``[start, start + dim)`` of every ``period`` rows of ``t``: halves
+    ``(x[i], x[i + dim/2])`` to interleaved pairs (``to_pairs``), or interleaved pairs to halves."""
+    import torch
+
+    rows = t.unflatten(0, (-1, period)).clone()
+    rot = rows[:, start:start + dim]
+    h = dim // 2
+    rows[:, start:start + dim] = (torch.stack((rot[:, :h], rot[:, h:]), dim=2).flatten(1, 2) if to_pairs
+                                  else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
+    return rows.flatten(0, 1)
+
+
+def _latent_tensors(state: dict, c) -> dict:
+    """Latent-attention tensors laid out as llama.cpp reads them (``convert_hf_to_gguf.py``'s DeepSeek-V2 path).
+
+    ``kv_b_proj`` is split per head into ``k_b`` (transposed: ``[H, kv_lora_rank, qk_nope_head_dim]``) and
+    ``v_b`` (``[H, v_head_dim, kv_lora_rank]``), the form llama.cpp's absorbed attention multiplies by.
+    llama.cpp rotates MLA's rotary part as interleaved pairs, so a checkpoint that rotates halves
+    (``rope_interleave=False``) has the rotary rows of its query and ``kv_a_proj_with_mqa`` regrouped into
+    pairs; the rotation is the same and q.k is unchanged. GLM-5's indexer rotates interleaved pairs while
+    llama.cpp's ``glm-dsa`` indexer rotates halves: its query/key rotary rows (and the key LayerNorm over
+    them) are regrouped the other way.
+    """
+    H, dn, dr, dv, r = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+    out = {}
+    for name, t in state.items():
+        if name.endswith("kv_b_proj.weight"):
+            k_b, v_b = t.unflatten(0, (H, dn + dv)).split([dn, dv], dim=1)
+            out[name.replace("kv_b_proj", "k_b_proj")] = k_b.transpose(1, 2).contiguous()
+            out[name.replace("kv_b_proj", "v_b_proj")] = v_b.contiguous()
+            continue
+        if not c.rotary_interleaved and name.endswith(("q_b_proj.weight", "self_attn.q_proj.weight")):
+            t = _rope_rows(t, dn, dr, dn + dr, to_pairs=True)
+        elif not c.rotary_interleaved and name.endswith("kv_a_proj_with_mqa.weight"):
+            t = _rope_rows(t, r, dr, r + dr, to_pairs=True)
+        elif name.endswith(("indexer.wq_b.weight", "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias")):
+            t = _rope_rows(t, 0, dr, c.index_head_dim, to_pairs=False)
+        out[name] = t
     return out
