@@ -10,6 +10,7 @@ import torch
 
 from openglm import Config, GLMForCausalLM, load_model, save_model
 from openglm.errors import OpenGLMError
+from openglm.model.glm import rotary_cos_sin
 from openglm.quant.gguf import export_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -137,8 +138,16 @@ def test_half_split_rotary_is_regrouped_into_llama_cpp_pairs(tmp_path, tokenizer
         k = _rope((x @ wkv.T)[:, r:], positions[:, None], pairs, c.rope_theta)
         return np.einsum("thd,sd->hts", q, k)
 
-    ours, theirs = scores(ours_q, ours_kv, pairs=False), scores(theirs_q, theirs_kv, pairs=True)
-    assert np.abs(ours - theirs).max() < 1e-9 * np.abs(ours).max()
+    # Ours: the model's own rotation of the same rows.
+    attn = load_model(ckpt).double().model.layers[0].self_attn
+    rotations = [rotary_cos_sin(torch.tensor(positions)[None], dr, c.rope_theta, torch.float64)]
+    q = torch.from_numpy((q_latent @ ours_q.T).reshape(4, H, dn + dr)[..., dn:]).transpose(0, 1)[None]
+    k = torch.from_numpy((x @ ours_kv.T)[:, r:])[None, None]
+    ours = torch.einsum("htd,sd->hts", attn._rotate(q, rotations)[0], attn._rotate(k, rotations)[0, 0]).numpy()
+    theirs = scores(theirs_q, theirs_kv, pairs=True)
+    # The model's angles are float32, the reference's float64: equal to 1e-4; the regrouping itself is exact.
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(ours).max()
+    assert np.abs(scores(ours_q, ours_kv, pairs=False) - theirs).max() < 1e-9 * np.abs(ours).max()
     assert np.abs(ours - scores(theirs_q, theirs_kv, pairs=False)).max() > 1e-3  # the regrouping matters
 
 
@@ -168,8 +177,17 @@ def test_indexer_rotary_pairs_are_regrouped_into_llama_cpp_halves(tmp_path, toke
         k = np.concatenate((_rope(k[..., :dr], positions[:, None], pairs, c.rope_theta), k[..., dr:]), -1)
         return np.einsum("thd,sd->hts", q, k)
 
-    want, got = scores(*ours, pairs=True), scores(*theirs, pairs=False)
-    assert np.abs(want - got).max() < 1e-9 * np.abs(want).max()
+    # Ours: the model's own indexer (projections, key LayerNorm, rotation) on the same inputs.
+    indexer = load_model(ckpt).double().model.layers[1].self_attn.indexer
+    rotations = [rotary_cos_sin(torch.tensor(positions)[None], dr, c.rope_theta, torch.float64)]
+    with torch.no_grad():
+        q = indexer._rotate(indexer.wq_b(torch.from_numpy(q_latent)).view(5, Hi, D).transpose(0, 1)[None], rotations)
+        k = indexer._rotate(indexer.k_norm(indexer.wk(torch.from_numpy(x)))[None, None], rotations)
+    want = torch.einsum("htd,sd->hts", q[0], k[0, 0]).numpy()
+    got = scores(*theirs, pairs=False)
+    # The model's angles are float32, the reference's float64: equal to 1e-4; the regrouping itself is exact.
+    assert np.abs(want - got).max() < 1e-4 * np.abs(want).max()
+    assert np.abs(scores(*ours, pairs=True) - got).max() < 1e-9 * np.abs(want).max()
     assert np.abs(want - scores(*theirs, pairs=True)).max() > 1e-3
 
 
