@@ -240,16 +240,14 @@ def _latent_metadata(writer, c) -> None:
         writer.add_indexer_top_k(c.index_topk)
 
 
-def _rope_rows(t, start: int, dim: int, period: int, to_pairs: bool):
-    """Reorder the rotary output rows ``[start, start + dim)`` of every ``period`` rows of ``t``: halves
-    ``(x[i], x[i + dim/2])`` to interleaved pairs (``to_pairs``), or interleaved pairs to halves."""
+def _pair_rope_rows(t, start: int, dim: int, period: int):
+    """Regroup the rotary output rows ``[start, start + dim)`` of every ``period`` rows of ``t`` from
+    halves ``(x[i], x[i + dim/2])`` into interleaved pairs ``(x[2i], x[2i+1])``."""
     import torch
 
     rows = t.unflatten(0, (-1, period)).clone()
     rot = rows[:, start:start + dim]
-    h = dim // 2
-    rows[:, start:start + dim] = (torch.stack((rot[:, :h], rot[:, h:]), dim=2).flatten(1, 2) if to_pairs
-                                  else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
+    rows[:, start:start + dim] = torch.stack((rot[:, : dim // 2], rot[:, dim // 2:]), dim=2).flatten(1, 2)
     return rows.flatten(0, 1)
 
 
@@ -258,11 +256,10 @@ def _latent_tensors(state: dict, c) -> dict:
 
     ``kv_b_proj`` is split per head into ``k_b`` (transposed: ``[H, kv_lora_rank, qk_nope_head_dim]``) and
     ``v_b`` (``[H, v_head_dim, kv_lora_rank]``), the form llama.cpp's absorbed attention multiplies by.
-    llama.cpp rotates MLA's rotary part as interleaved pairs, so a checkpoint that rotates halves
-    (``rope_interleave=False``) has the rotary rows of its query and ``kv_a_proj_with_mqa`` regrouped into
-    pairs; the rotation is the same and q.k is unchanged. GLM-5's indexer rotates interleaved pairs while
-    llama.cpp's ``glm-dsa`` indexer rotates halves: its query/key rotary rows (and the key LayerNorm over
-    them) are regrouped the other way.
+    llama.cpp rotates MLA's rotary part as interleaved pairs (its "normal" rope, also for the ``glm-dsa``
+    indexer, as ours), so only a checkpoint that rotates halves (``rope_interleave=False``) changes: the
+    rotary rows of its query and ``kv_a_proj_with_mqa`` are regrouped into pairs; the rotation is the
+    same and q.k is unchanged.
     """
     H, dn, dr, dv, r = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
     out = {}
@@ -273,10 +270,8 @@ def _latent_tensors(state: dict, c) -> dict:
             out[name.replace("kv_b_proj", "v_b_proj")] = v_b.contiguous()
             continue
         if not c.rotary_interleaved and name.endswith(("q_b_proj.weight", "self_attn.q_proj.weight")):
-            t = _rope_rows(t, dn, dr, dn + dr, to_pairs=True)
+            t = _pair_rope_rows(t, dn, dr, dn + dr)
         elif not c.rotary_interleaved and name.endswith("kv_a_proj_with_mqa.weight"):
-            t = _rope_rows(t, r, dr, r + dr, to_pairs=True)
-        elif name.endswith(("indexer.wq_b.weight", "indexer.wk.weight", "indexer.k_norm.weight", "indexer.k_norm.bias")):
-            t = _rope_rows(t, 0, dr, c.index_head_dim, to_pairs=False)
+            t = _pair_rope_rows(t, r, dr, r + dr)
         out[name] = t
     return out
