@@ -201,6 +201,7 @@ def test_indexer_rotates_in_llama_cpp_pairs_like_ours(tmp_path, tokenizer):
     ("glm-4.7-flash-debug", dict(mlp_layer_types=["sparse", "dense"]), "dense MLP layers first"),
     ("glm-5-debug", dict(indexer_types=["full", "shared"]), "'shared' layers"),
     ("glm-5-debug", dict(n_group=2, topk_group=1), "n_group=2"),
+    ("glm-5-debug", dict(max_position_embeddings=1 << 20), "shared indexer layers"),
 ])
 def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, tokenizer, name, overrides, message):
     ckpt = _checkpoint(tmp_path / "ckpt", tokenizer, name, **overrides)
