@@ -322,6 +322,7 @@ class Router(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+        self.expert_counts: torch.Tensor | None = None  # (E,) of the last forward in training mode
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, C]`` -> ``weights [N, k]`` (float32), ``experts [N, k]``."""
@@ -333,6 +334,8 @@ class Router(nn.Module):
             keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, best, True)  # (N, G)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
         experts = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (N, k)
+        if self.training:  # tokens per expert, for load balancing between optimizer steps
+            self.expert_counts = torch.bincount(experts.flatten(), minlength=self.weight.shape[0])
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

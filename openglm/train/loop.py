@@ -42,6 +42,7 @@ from ..config import Config
 from ..data.objective import IGNORE_INDEX, SpecialIds, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
+from .balance import LoadBalancer, balance_rate
 from .data import PackedBatches, parse_objective, sentence_end_ids
 from .loss import linear_cross_entropy
 from .parallel import (
@@ -276,8 +277,9 @@ def clip_grad_norm(module: nn.Module, clip: float) -> float:
 
 
 def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: float, clip: float,
-               world: Distributed, two_d: bool, precision: Precision) -> tuple[float, float]:
-    """One optimizer step over the micro-batches ``(batch, global target count)`` of ``next_batch``.
+               world: Distributed, two_d: bool, precision: Precision, balance=None) -> tuple[float, float]:
+    """One optimizer step over the micro-batches ``(batch, global target count)`` of ``next_batch``;
+    with ``balance`` (a ``LoadBalancer``) the MoE routers' correction biases are updated after it.
 
     Returns this rank's summed loss over its targets and the gradient norm before clipping (with
     fp16, inf or nan on a step the scaler skips for overflow).
@@ -292,6 +294,8 @@ def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: 
         with gradient_sync(module, k == len(micro) - 1):
             with precision.autocast():
                 loss = module(*_batch_inputs(batch, two_d, world.device))
+            if balance:
+                balance.collect()
             (loss * scale if scaler is None else scaler.scale(loss * scale)).backward()
         loss_sum += loss.item()
     if scaler is not None:
@@ -303,6 +307,8 @@ def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: 
         scaler.step(optimizer)  # skipped when the scaled gradients overflowed
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if balance:
+        balance.step()
     return loss_sum, float(grad_norm)
 
 
@@ -469,7 +475,8 @@ def resume(found: Path, loaded: tuple, module: nn.Module, optimizer, loader, str
 
 def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distributed, two_d: bool,
               precision: Precision, min_lr: float, val_batches, metrics: _Metrics, save, describe, show: bool,
-              validation: ValidationTracker, eval_first: bool = False) -> tuple[int, float | None, float | None, bool]:
+              validation: ValidationTracker, eval_first: bool = False,
+              balance=None) -> tuple[int, float | None, float | None, bool]:
     """The optimizer-step loop pretraining and fine-tuning share, from ``step`` to ``s.steps``.
 
     Every ``s.log_every`` steps it logs ``describe(step, loss, lr, grad_norm, steps, seconds, targets)``,
@@ -478,6 +485,7 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
     (``eval_first``: at the start too), calls ``save(step)`` every ``s.save_every`` steps, at each new
     best validation loss with ``s.keep_best``, and at the end. It stops early, saved, on Ctrl-C (any
     process), after ``s.stop_after`` steps, or after ``s.early_stop`` evaluations without a new best.
+    With ``balance`` (a ``LoadBalancer``) the logs carry the experts' loads and their imbalance.
     Returns (step, last loss, last validation loss, interrupted).
     """
     from tqdm import tqdm
@@ -504,7 +512,7 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
             started = time.perf_counter()
             lr = learning_rate(step, s.lr, min_lr, s.warmup, s.steps)
             micro = [loader.next_batch(s.batch_size, world.rank, world.world_size) for _ in range(s.grad_accum)]
-            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, precision)
+            loss_sum, grad_norm = train_step(module, optimizer, micro, lr, s.clip, world, two_d, precision, balance)
             step += 1
             loss_sum, stop_votes = all_reduce_sum([loss_sum, float(stop.requested)], world)
             num_targets = sum(n for _, n in micro)
@@ -515,6 +523,12 @@ def run_steps(s, step: int, module: nn.Module, optimizer, loader, world: Distrib
             if step % s.log_every == 0 or step == s.steps or stop_votes:
                 record, postfix, line = describe(step, loss, lr, grad_norm, *interval)
                 interval = [0, 0.0, 0]
+                if balance:
+                    moe = balance.report()
+                    record.update(moe)
+                    if moe:
+                        postfix["imb"] = f"{moe['moe_imbalance']:.2f}"
+                        line += f" moe imbalance {moe['moe_imbalance']:.2f}"
                 metrics.log(record)
                 bar.set_postfix(postfix, refresh=False)
                 if bar.disable and world.is_main:
@@ -677,6 +691,7 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
     if weights["sentence"] > 0 and not sentence_ends:
         raise OpenGLMError("the tokenizer has none of '。！？.!?\\n' as a single token: give sentence weight 0")
     config, init_dir, note = model_config(s, tok)
+    rate = balance_rate(s.balance_rate, config)
     _check_data_fits(s, config, [train] + ([val] if val is not None else []))
     if (s.keep_best or s.early_stop) and (val is None or not s.eval_tokens):
         raise OpenGLMError("--keep-best and --early-stop need validation data (a val split and --eval-tokens > 0)")
@@ -693,10 +708,11 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
         if world.is_main:
             _write_run_json(run_dir, run_record)
         return _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, weights, special,
-                      sentence_ends)
+                      sentence_ends, rate)
 
 
-def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, weights, special, sentence_ends):
+def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, weights, special, sentence_ends,
+           rate):
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -721,6 +737,7 @@ def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, 
             layer.compile()
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
+    balance = LoadBalancer(module, rate, world)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
     precision = Precision(s, world.device)
 
@@ -760,7 +777,7 @@ def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, 
     try:
         step, loss, val_loss, interrupted = run_steps(
             s, step, module, optimizer, loader, world, two_d, precision, min_lr, val_batches, metrics, save,
-            describe, show=s.progress and world.is_main, validation=validation)
+            describe, show=s.progress and world.is_main, validation=validation, balance=balance)
         finished = step >= s.steps
     finally:
         metrics.close(finished)

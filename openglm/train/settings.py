@@ -32,6 +32,7 @@ class PretrainSettings:
     device: str | None = None  # default: cuda (this process's GPU) when available, else cpu
     grad_checkpointing: bool = False
     emb_shrink: float = 1.0  # GLM-130B uses 0.1; 1.0 leaves the embedding gradient as is
+    balance_rate: float | None = None  # MoE correction-bias step per optimizer step (None: 1e-3 for MoE, 0 dense)
     objective: str = "token=0.5,sentence=0.3,document=0.2,causal=0"
     mask_ratio: float = 0.15
     append_eos: bool = True

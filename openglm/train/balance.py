@@ -1,0 +1,84 @@
+"""Auxiliary-loss-free load balancing of MoE routers (DeepSeek-V3, as GLM-4.5 trains) and the load metrics.
+
+After each optimizer step, outside ``forward``, every MoE layer's ``e_score_correction_bias`` moves by
+``rate`` up for the experts that got fewer tokens than the layer's mean in that step and down for
+those that got more (``bias += rate * sign(mean load - load)``). The loads are the routers' expert
+counts summed over the step's micro-batches and over data-parallel ranks, so every rank applies the
+same update. The bias is a buffer, not an optimizer parameter: it only changes which experts are
+chosen, never the weights of their outputs, and it travels with the model's state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config
+from ..errors import OpenGLMError
+from .parallel import Distributed
+
+DEFAULT_RATE = 1e-3
+
+
+def balance_rate(requested: float | None, config: Config) -> float:
+    """The rate a run uses: ``requested`` (None: ``DEFAULT_RATE`` for an MoE model, 0 for a dense one)."""
+    if requested is None:
+        return DEFAULT_RATE if config.num_experts else 0.0
+    if not requested >= 0:
+        raise OpenGLMError(f"--balance-rate must be >= 0, got {requested}")
+    if requested and not config.num_experts:
+        raise OpenGLMError(f"--balance-rate applies to mixture-of-experts models only; {config.name} is dense")
+    return requested
+
+
+def routers(module: nn.Module) -> list[nn.Module]:
+    """The MoE routers of a model (wrapped or not), in layer order."""
+    from ..model.glm import Router
+
+    return [m for m in module.modules() if isinstance(m, Router)]
+
+
+class LoadBalancer:
+    """Collects the routers' expert counts of each micro-batch, updates the correction biases after the
+    optimizer step, and keeps the counts since the last log for ``moe_load`` / ``moe_imbalance``."""
+
+    def __init__(self, module: nn.Module, rate: float, world: Distributed):
+        self.routers, self.rate, self.world = routers(module), rate, world
+        self.step_counts: torch.Tensor | None = None  # (L, E) of the current step, this rank
+        self.interval_counts: torch.Tensor | None = None  # (L, E) since the last report, all ranks
+
+    def __bool__(self) -> bool:
+        return bool(self.routers)
+
+    def collect(self) -> None:
+        """Add the counts of the forward just run (called after each micro-batch's forward, before its
+        backward: recomputing activations in backward runs the routers again)."""
+        counts = torch.stack([r.expert_counts for r in self.routers])
+        self.step_counts = counts if self.step_counts is None else self.step_counts + counts
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """After the optimizer step: move the biases toward the under-used experts."""
+        if self.step_counts is None:
+            return
+        counts = self.step_counts.to(torch.float64)
+        self.step_counts = None
+        if self.world.world_size > 1:
+            dist.all_reduce(counts)
+        self.interval_counts = counts if self.interval_counts is None else self.interval_counts + counts
+        if self.rate:
+            direction = torch.sign(counts.mean(-1, keepdim=True) - counts)  # (L, E)
+            for router, d in zip(self.routers, direction):
+                bias = router.e_score_correction_bias
+                bias.add_(d.to(device=bias.device, dtype=bias.dtype), alpha=self.rate)
+
+    def report(self) -> dict:
+        """``moe_load`` (per MoE layer, each expert's share of the routed tokens) and ``moe_imbalance``
+        (max load / mean load, averaged over layers) since the last report; {} when nothing was routed."""
+        counts, self.interval_counts = self.interval_counts, None
+        if counts is None:
+            return {}
+        load = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        imbalance = (counts.max(-1).values / counts.mean(-1).clamp_min(1e-12)).mean()
+        return {"moe_imbalance": float(imbalance), "moe_load": [[round(float(x), 5) for x in row] for row in load]}
