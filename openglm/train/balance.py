@@ -21,14 +21,18 @@ from .parallel import Distributed
 DEFAULT_RATE = 1e-3
 
 
-def balance_rate(requested: float | None, config: Config) -> float:
-    """The rate a run uses: ``requested`` (None: ``DEFAULT_RATE`` for an MoE model, 0 for a dense one)."""
+def balance_rate(requested: float | None, config: Config, lora: bool = False) -> float:
+    """The rate a run uses: ``requested`` (None: ``DEFAULT_RATE`` for an MoE model, 0 for a dense one
+    or a LoRA run, whose checkpoints hold the adapters only and so could not resume the biases)."""
     if requested is None:
-        return DEFAULT_RATE if config.num_experts else 0.0
+        return DEFAULT_RATE if config.num_experts and not lora else 0.0
     if not requested >= 0:
         raise OpenGLMError(f"--balance-rate must be >= 0, got {requested}")
     if requested and not config.num_experts:
         raise OpenGLMError(f"--balance-rate applies to mixture-of-experts models only; {config.name} is dense")
+    if requested and lora:
+        raise OpenGLMError("--balance-rate needs full fine-tuning: a LoRA run saves only its adapters, "
+                           "not the routers' correction biases")
     return requested
 
 

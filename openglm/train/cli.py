@@ -53,6 +53,9 @@ def add_run_options(parser, option) -> None:
     parser.add_argument("--log-to", metavar="TRACKERS",
                         help="also log the metrics to tensorboard, wandb (offline) and/or mlflow (a file store in "
                              "RUN_DIR), comma-separated; each needs its package (extras of the same name)")
+    parser.add_argument("--balance-rate", type=float, metavar="R",
+                        help="MoE models: step of the routers' correction bias toward under-used experts after each "
+                             "optimizer step, 0 to turn balancing off (default 1e-3; dense models and LoRA: 0)")
 
 
 def register(subparsers) -> None:
@@ -81,9 +84,6 @@ def register(subparsers) -> None:
     add_run_options(p, option)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations in backward")
     option("--emb-shrink", "GLM-130B embedding gradient shrink, 0.1 there; 1 is off", type=float, metavar="ALPHA")
-    p.add_argument("--balance-rate", type=float, metavar="R",
-                   help="MoE models: step of the routers' correction bias toward under-used experts after each "
-                        "optimizer step, 0 to turn balancing off (default 1e-3; dense models have none)")
     option("--eval-every", "steps between validation losses, 0 for the end only", type=int)
     option("--eval-tokens", "tokens of the fixed validation set (the same for every batch size)", type=int)
     option("--save-every", "steps between checkpoints, 0 for the end only", type=int)

@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import Config
 from ..data.objective import IGNORE_INDEX, GLMSample, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
+from .balance import LoadBalancer, balance_rate
 from .finetune_cli import FinetuneSettings
 from .loop import (
     Precision,
@@ -346,6 +348,7 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     if found is not None and not s.resume:
         raise OpenGLMError(f"{run_dir} already holds a training checkpoint: pass --resume, or choose a new directory")
     base_dir = checkpoint_dir(s.model)
+    rate = balance_rate(s.balance_rate, Config.from_file(base_dir), s.lora)
     tok = load_tokenizer(base_dir)
     template = chat_template_of(base_dir)
     show = s.progress and world.is_main
@@ -367,10 +370,11 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     with cleanup_on_failure(run_dir, world, fresh=found is None, existed=existed):
         if world.is_main:
             _write_run_json(run_dir, run_record)
-        return _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples)
+        return _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples, rate)
 
 
-def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples) -> FinetuneResult:
+def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples,
+           rate) -> FinetuneResult:
     from ..model.checkpoint import load_model
 
     random.seed(s.seed)
@@ -385,6 +389,7 @@ def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file
         apply_activation_checkpointing(module)
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
+    balance = LoadBalancer(module, rate, world)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
     precision = Precision(s, world.device)
 
@@ -430,7 +435,8 @@ def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file
     try:
         step, loss, val_loss, interrupted = run_steps(
             s, step, module, optimizer, loader, world, two_d, precision, min_lr, val_batches, metrics, save,
-            describe, show=s.progress and world.is_main, validation=validation, eval_first=found is None)
+            describe, show=s.progress and world.is_main, validation=validation, eval_first=found is None,
+            balance=balance)
         finished = step >= s.steps
     finally:
         metrics.close(finished)

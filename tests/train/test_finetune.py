@@ -283,3 +283,45 @@ def test_validation_set_does_not_depend_on_the_batch_size(tokenizer, chat_files,
         ids = torch.cat([b[0] for b in batches])
         seen.add((tuple(ids[ids != pad].tolist()), targets))
     assert len(seen) == 1 and next(iter(seen))[1] > 0  # the same 3 rows of 96 tokens each time
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory, tokenizer):
+    """A saved glm-4.5-air-debug model (one dense layer, then two of 8 experts) with the test tokenizer."""
+    from openglm import Config, GLMForCausalLM, save_model
+
+    config = Config.from_name("glm-4.5-air-debug", num_layers=3, vocab_size=tokenizer.vocab_size,
+                              eos_token_id=[tokenizer.eos_id], pad_token_id=tokenizer.eos_id)
+    model = GLMForCausalLM.from_config(config, seed=0)
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "moe", tokenizer=tokenizer)
+
+
+def test_full_finetuning_balances_moe_experts_and_resumes_exactly(settings, moe_checkpoint):
+    def run(out, **kw):
+        return finetune(settings(out, model=str(moe_checkpoint), steps=6, grad_accum=2, balance_rate=0.01, **kw))
+
+    run("full")
+    assert run("part", stop_after=3).step == 3
+    assert run("part", resume=True).step == 6
+    a = load_file(Path(settings("full").out) / "checkpoint" / "model.safetensors")
+    b = load_file(Path(settings("part").out) / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    biases = [a[k] for k in a if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(b.abs().max() > 0.01 for b in biases)  # 6 steps of +-0.01
+    lines = [json.loads(ln) for ln in (Path(settings("full").out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert len(steps) == 6 and all(len(r["moe_load"]) == 2 and r["moe_imbalance"] >= 1.0 for r in steps)
+    part = [json.loads(ln) for ln in (Path(settings("part").out) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("loss"), r.get("moe_load")) for r in part] == [(r.get("loss"), r.get("moe_load")) for r in lines]
+
+
+def test_balancing_is_refused_with_lora_and_on_dense_models(settings, moe_checkpoint):
+    with pytest.raises(OpenGLMError, match="needs full fine-tuning"):
+        finetune(settings("lora", model=str(moe_checkpoint), steps=1, warmup=1, lora=True, balance_rate=0.01))
+    with pytest.raises(OpenGLMError, match="mixture-of-experts models only"):
+        finetune(settings("dense", steps=1, warmup=1, balance_rate=0.01))
+    # LoRA on an MoE model logs the loads, with the biases left alone (the adapters could not carry them)
+    run = settings("lora-ok", model=str(moe_checkpoint), steps=2, warmup=1, lora=True, merge=False)
+    finetune(run)
+    lines = [json.loads(ln) for ln in (Path(run.out) / "metrics.jsonl").read_text().splitlines()]
+    assert all("moe_imbalance" in r for r in lines if "loss" in r)
