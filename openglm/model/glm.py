@@ -323,6 +323,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.expert_counts: torch.Tensor | None = None  # (E,) of the last forward in training mode
+        # With keep_routing, training forwards also keep (scores [N, E], experts [N, k]) for an auxiliary loss.
+        self.keep_routing = False
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, C]`` -> ``weights [N, k]`` (float32), ``experts [N, k]``."""
@@ -336,6 +339,8 @@ class Router(nn.Module):
         experts = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (N, k)
         if self.training:  # tokens per expert, for load balancing between optimizer steps
             self.expert_counts = torch.bincount(experts.flatten(), minlength=self.weight.shape[0])
+            if self.keep_routing:
+                self.routing = (scores, experts)
         weights = scores.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -56,6 +56,8 @@ def add_run_options(parser, option) -> None:
     parser.add_argument("--balance-rate", type=float, metavar="R",
                         help="MoE models: step of the routers' correction bias toward under-used experts after each "
                              "optimizer step, 0 to turn balancing off (default 1e-3; dense models and LoRA: 0)")
+    option("--aux-loss-coef", "MoE models: weight of DeepSeek-V3's sequence-wise balance loss, 0 for none",
+           type=float, metavar="C")
 
 
 def register(subparsers) -> None:

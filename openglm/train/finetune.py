@@ -37,7 +37,7 @@ from ..config import Config
 from ..data.objective import IGNORE_INDEX, GLMSample, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
-from .balance import LoadBalancer, balance_rate
+from .balance import LoadBalancer, balance_rate, check_aux_loss_coef
 from .finetune_cli import FinetuneSettings
 from .loop import (
     Precision,
@@ -348,7 +348,9 @@ def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
     if found is not None and not s.resume:
         raise OpenGLMError(f"{run_dir} already holds a training checkpoint: pass --resume, or choose a new directory")
     base_dir = checkpoint_dir(s.model)
-    rate = balance_rate(s.balance_rate, Config.from_file(base_dir), s.lora)
+    config = Config.from_file(base_dir)
+    rate = balance_rate(s.balance_rate, config, s.lora)
+    check_aux_loss_coef(s.aux_loss_coef, config, s.lora)
     tok = load_tokenizer(base_dir)
     template = chat_template_of(base_dir)
     show = s.progress and world.is_main
@@ -389,7 +391,7 @@ def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file
         apply_activation_checkpointing(module)
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
-    balance = LoadBalancer(module, rate, world)
+    balance = LoadBalancer(module, rate, world, s.aux_loss_coef)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
     precision = Precision(s, world.device)
 

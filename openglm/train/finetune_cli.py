@@ -54,6 +54,7 @@ class FinetuneSettings:
     grad_checkpointing: bool = False
     lora: bool = False
     balance_rate: float | None = None  # MoE correction-bias step per optimizer step (None: 1e-3 for full MoE runs)
+    aux_loss_coef: float = 0.0  # MoE sequence-wise balance loss weight
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -42,7 +42,7 @@ from ..config import Config
 from ..data.objective import IGNORE_INDEX, SpecialIds, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
-from .balance import LoadBalancer, balance_rate
+from .balance import LoadBalancer, balance_rate, check_aux_loss_coef
 from .data import PackedBatches, parse_objective, sentence_end_ids
 from .loss import linear_cross_entropy
 from .parallel import (
@@ -293,10 +293,15 @@ def train_step(module: nn.Module, optimizer, micro: list[tuple[dict, int]], lr: 
     for k, (batch, _) in enumerate(micro):
         with gradient_sync(module, k == len(micro) - 1):
             with precision.autocast():
-                loss = module(*_batch_inputs(batch, two_d, world.device))
+                inputs = _batch_inputs(batch, two_d, world.device)
+                loss = module(*inputs)
+            objective = loss * scale
             if balance:
                 balance.collect()
-            (loss * scale if scaler is None else scaler.scale(loss * scale)).backward()
+                aux = balance.aux_loss(inputs[0].shape[1])
+                if aux is not None:  # a mean over the micro-batches; DDP and FSDP average it over ranks
+                    objective = objective + aux / len(micro)
+            (objective if scaler is None else scaler.scale(objective)).backward()
         loss_sum += loss.item()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and report the true gradient norm
@@ -692,6 +697,7 @@ def _pretrain(s: PretrainSettings, world: Distributed) -> PretrainResult:
         raise OpenGLMError("the tokenizer has none of '。！？.!?\\n' as a single token: give sentence weight 0")
     config, init_dir, note = model_config(s, tok)
     rate = balance_rate(s.balance_rate, config)
+    check_aux_loss_coef(s.aux_loss_coef, config)
     _check_data_fits(s, config, [train] + ([val] if val is not None else []))
     if (s.keep_best or s.early_stop) and (val is None or not s.eval_tokens):
         raise OpenGLMError("--keep-best and --early-stop need validation data (a val split and --eval-tokens > 0)")
@@ -737,7 +743,7 @@ def _train(s, world, run_dir, found, loaded, config, init_dir, train, val, tok, 
             layer.compile()
     module = parallelize(module, s.parallel, world)
     optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
-    balance = LoadBalancer(module, rate, world)
+    balance = LoadBalancer(module, rate, world, s.aux_loss_coef)
     min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
     precision = Precision(s, world.device)
 

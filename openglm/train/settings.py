@@ -33,6 +33,7 @@ class PretrainSettings:
     grad_checkpointing: bool = False
     emb_shrink: float = 1.0  # GLM-130B uses 0.1; 1.0 leaves the embedding gradient as is
     balance_rate: float | None = None  # MoE correction-bias step per optimizer step (None: 1e-3 for MoE, 0 dense)
+    aux_loss_coef: float = 0.0  # MoE sequence-wise balance loss weight
     objective: str = "token=0.5,sentence=0.3,document=0.2,causal=0"
     mask_ratio: float = 0.15
     append_eos: bool = True

@@ -298,7 +298,8 @@ def moe_checkpoint(tmp_path_factory, tokenizer):
 
 def test_full_finetuning_balances_moe_experts_and_resumes_exactly(settings, moe_checkpoint):
     def run(out, **kw):
-        return finetune(settings(out, model=str(moe_checkpoint), steps=6, grad_accum=2, balance_rate=0.01, **kw))
+        return finetune(settings(out, model=str(moe_checkpoint), steps=6, grad_accum=2, balance_rate=0.01,
+                                 aux_loss_coef=0.01, **kw))
 
     run("full")
     assert run("part", stop_after=3).step == 3
@@ -311,6 +312,7 @@ def test_full_finetuning_balances_moe_experts_and_resumes_exactly(settings, moe_
     lines = [json.loads(ln) for ln in (Path(settings("full").out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
     assert len(steps) == 6 and all(len(r["moe_load"]) == 2 and r["moe_imbalance"] >= 1.0 for r in steps)
+    assert all(r["moe_aux_loss"] > 0 for r in steps)
     part = [json.loads(ln) for ln in (Path(settings("part").out) / "metrics.jsonl").read_text().splitlines()]
     assert [(r.get("loss"), r.get("moe_load")) for r in part] == [(r.get("loss"), r.get("moe_load")) for r in lines]
 
@@ -320,6 +322,8 @@ def test_balancing_is_refused_with_lora_and_on_dense_models(settings, moe_checkp
         finetune(settings("lora", model=str(moe_checkpoint), steps=1, warmup=1, lora=True, balance_rate=0.01))
     with pytest.raises(OpenGLMError, match="mixture-of-experts models only"):
         finetune(settings("dense", steps=1, warmup=1, balance_rate=0.01))
+    with pytest.raises(OpenGLMError, match="--aux-loss-coef needs full fine-tuning"):
+        finetune(settings("lora", model=str(moe_checkpoint), steps=1, warmup=1, lora=True, aux_loss_coef=0.01))
     # LoRA on an MoE model logs the loads, with the biases left alone (the adapters could not carry them)
     run = settings("lora-ok", model=str(moe_checkpoint), steps=2, warmup=1, lora=True, merge=False)
     finetune(run)
