@@ -61,3 +61,22 @@ def test_two_processes_match_one_and_resume(mode, data_dir, single, tmp_path):
     ids = torch.arange(48).remainder(model.config.vocab_size)[None]
     with torch.no_grad():
         assert model(ids).allclose(openglm.load_model(single / "model")(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_moe_balancing_matches_one_process(data_dir, settings, tmp_path):
+    # Expert counts are summed over ranks before the bias update, so both ranks move the biases as one process does.
+    moe = ["--config", "glm-4.5-air-debug", "--set", "num_layers=3", "--balance-rate", "0.01", "--aux-loss-coef", "0.01"]
+    run = tmp_path / "ddp"
+    torchrun(data_dir, run, *moe)  # the later --config wins over ARGS' glm-tiny-debug
+    single = tmp_path / "single"
+    pretrain(settings(single, config="glm-4.5-air-debug", overrides=["num_layers=3"], balance_rate=0.01,
+                      aux_loss_coef=0.01, steps=4, lr=3e-3, warmup=2, eval_every=2, eval_tokens=256))
+    got, want = [r for r in records(run) if "loss" in r], [r for r in records(single) if "loss" in r]
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=RTOL) and g["moe_load"] == w["moe_load"], (g, w)
+    biases = [checkpointing.load_checkpoint(r / "checkpoint")[0] for r in (run, single)]
+    names = [k for k in biases[0] if k.endswith("e_score_correction_bias")]
+    assert len(names) == 2 and all(biases[0][k].abs().max() > 0 for k in names)
+    assert all(biases[0][k].equal(biases[1][k]) for k in names)
