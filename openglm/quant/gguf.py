@@ -204,6 +204,10 @@ def _check_latent(c) -> None:
     if c.index_topk and "shared" in c.indexer_types:
         raise OpenGLMError(f"GGUF export of indexer_types with 'shared' layers ({c.indexer_types}) is not supported: "
                            "this gguf version has no key for it, llama.cpp's glm-dsa runs an indexer in every layer")
+    if c.index_topk and c.index_head_dim % 64:
+        raise OpenGLMError(f"GGUF export of sparse attention needs index_head_dim a multiple of 64, got "
+                           f"{c.index_head_dim}: llama.cpp's glm-dsa turns the indexer's queries and keys by a "
+                           "Hadamard matrix of 64 or more dims (GLM-5 has 128)")
     if c.index_topk and c.max_position_embeddings >= 1 << 20:
         # Without that key llama.cpp takes a context of 1M tokens or more for GLM-5.2's full/shared schedule.
         raise OpenGLMError(f"GGUF export of sparse attention with a context of {c.max_position_embeddings} tokens "

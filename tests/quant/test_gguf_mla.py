@@ -1,6 +1,6 @@
 """GGUF export of GLM-4.7-Flash (``glm4_moe_lite`` -> llama.cpp's ``deepseek2``) and GLM-5 (``glm_moe_dsa`` ->
 ``glm-dsa``): names, shapes, values and metadata read back with gguf's reader; rotary layouts checked by scoring
-with llama.cpp's rotations (llama.cpp itself is not run here)."""
+with llama.cpp's rotations; where llama-cpp-python is installed, llama.cpp runs the exports."""
 
 from __future__ import annotations
 
@@ -32,9 +32,15 @@ def _checkpoint(directory, tokenizer, name, **overrides):
     return save_model(model, directory, tokenizer=tokenizer)
 
 
+# Shapes llama.cpp runs: it turns the indexer's queries and keys by a Hadamard matrix of 64 or more dims
+# (scores unchanged), so the indexer head needs a multiple of 64 dims (GLM-5 has 128). Every export here uses them.
+RUNNABLE = {"glm-4.7-flash-debug": {}, "glm-5-debug": {"index_head_dim": 64, "qk_rope_head_dim": 16}}
+
+
 @pytest.fixture(scope="module", params=list(ARCH))
 def latent_checkpoint(request, tmp_path_factory, tokenizer):
-    return request.param, _checkpoint(tmp_path_factory.mktemp("mla-gguf") / request.param, tokenizer, request.param)
+    name = request.param
+    return name, _checkpoint(tmp_path_factory.mktemp("mla-gguf") / name, tokenizer, name, **RUNNABLE[name])
 
 
 def _field(reader, key):
@@ -159,7 +165,7 @@ def test_half_split_rotary_is_regrouped_into_llama_cpp_pairs(tmp_path, tokenizer
 def test_indexer_rotates_in_llama_cpp_pairs_like_ours(tmp_path, tokenizer):
     """GLM-5's indexer rotates interleaved pairs, as llama.cpp's glm-dsa indexer does ("normal" rope):
     its tensors are plain copies, and llama.cpp's rotation of them gives the model's own index scores."""
-    ckpt = _checkpoint(tmp_path / "dsa", tokenizer, "glm-5-debug")
+    ckpt = _checkpoint(tmp_path / "dsa", tokenizer, "glm-5-debug", **RUNNABLE["glm-5-debug"])
     c = load_model(ckpt).config
     state = {k: v.float().numpy() for k, v in load_model(ckpt).state_dict().items()}
     reader = gguf.GGUFReader(str(export_gguf(ckpt, tmp_path / "d.gguf", "f32")))
@@ -202,9 +208,10 @@ def test_indexer_rotates_in_llama_cpp_pairs_like_ours(tmp_path, tokenizer):
     ("glm-5-debug", dict(indexer_types=["full", "shared"]), "'shared' layers"),
     ("glm-5-debug", dict(n_group=2, topk_group=1), "n_group=2"),
     ("glm-5-debug", dict(max_position_embeddings=1 << 20), "shared indexer layers"),
+    ("glm-5-debug", dict(index_head_dim=48), "multiple of 64"),
 ])
 def test_what_llama_cpp_cannot_represent_is_refused(tmp_path, tokenizer, name, overrides, message):
-    ckpt = _checkpoint(tmp_path / "ckpt", tokenizer, name, **overrides)
+    ckpt = _checkpoint(tmp_path / "ckpt", tokenizer, name, **{**RUNNABLE[name], **overrides})
     with pytest.raises(OpenGLMError, match=message):
         export_gguf(ckpt, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
@@ -217,3 +224,18 @@ def test_cli_converts_glm_4_7_flash(latent_checkpoint, tmp_path):
     out = tmp_path / "cli.gguf"
     assert main(["convert", str(ckpt), "--to", "gguf", "--gguf-type", "q8_0", "-o", str(out)]) == 0
     assert _field(gguf.GGUFReader(str(out)), "general.architecture") == ARCH[name][0]
+
+
+@pytest.mark.parametrize("name", list(RUNNABLE))
+def test_llama_cpp_runs_the_latent_export_like_openglm(name, tokenizer, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ckpt = _checkpoint(tmp_path / name, tokenizer, name, **RUNNABLE[name])
+    path = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    ids = tokenizer.encode("The General Language Model fills blanks in text.")[:10]
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = load_model(ckpt)(torch.tensor([ids]))[0].numpy()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()  # the same greedy tokens
+    assert np.allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
