@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from openglm import load_model
 from openglm.cli import main
 from openglm.data.chat import CHAT_TEMPLATES, render_chat_text, save_chat_template
 from openglm.errors import OpenGLMError
 from openglm.quant.gguf import export_gguf
+from llama_runs import assert_llama_cpp_runs_like_openglm
 
 gguf = pytest.importorskip("gguf")
 
@@ -103,16 +103,7 @@ def test_quantized_sources_are_refused(tiny_checkpoint, tmp_path):
 
 
 def test_llama_cpp_runs_the_export_like_openglm(tiny_checkpoint, tokenizer, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = export_gguf(tiny_checkpoint, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = tokenizer.encode("The General Language Model fills blanks in text.")[:10]
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
-    with torch.no_grad():
-        ours = load_model(tiny_checkpoint)(torch.tensor([ids]))[0].numpy()
-    assert np.allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
-    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+    llm = assert_llama_cpp_runs_like_openglm(tiny_checkpoint, tokenizer, tmp_path)
     assert llm.tokenize(b"fills blanks in text", add_bos=False, special=False) == tokenizer.encode("fills blanks in text")
 
 

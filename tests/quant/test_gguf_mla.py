@@ -13,6 +13,7 @@ from openglm import Config, GLMForCausalLM, load_model, save_model
 from openglm.errors import OpenGLMError
 from openglm.model.glm import rotary_cos_sin
 from openglm.quant.gguf import export_gguf
+from llama_runs import assert_llama_cpp_runs_like_openglm
 
 gguf = pytest.importorskip("gguf")
 
@@ -228,14 +229,4 @@ def test_cli_converts_glm_4_7_flash(latent_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("name", list(RUNNABLE))
 def test_llama_cpp_runs_the_latent_export_like_openglm(name, tokenizer, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ckpt = _checkpoint(tmp_path / name, tokenizer, name, **RUNNABLE[name])
-    path = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = tokenizer.encode("The General Language Model fills blanks in text.")[:10]
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
-    with torch.no_grad():
-        ours = load_model(ckpt)(torch.tensor([ids]))[0].numpy()
-    assert (theirs.argmax(-1) == ours.argmax(-1)).all()  # the same greedy tokens
-    assert np.allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
+    assert_llama_cpp_runs_like_openglm(_checkpoint(tmp_path / name, tokenizer, name, **RUNNABLE[name]), tokenizer, tmp_path)

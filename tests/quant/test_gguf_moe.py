@@ -9,6 +9,7 @@ import torch
 from openglm import Config, GLMForCausalLM, load_model, save_model
 from openglm.errors import OpenGLMError
 from openglm.quant.gguf import export_gguf
+from llama_runs import assert_llama_cpp_runs_like_openglm
 
 gguf = pytest.importorskip("gguf")
 
@@ -86,13 +87,4 @@ def test_group_limited_routing_is_refused(moe_checkpoint, tmp_path):
 
 
 def test_llama_cpp_runs_the_moe_export_like_openglm(moe_checkpoint, tokenizer, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = export_gguf(moe_checkpoint, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    ids = tokenizer.encode("The General Language Model fills blanks in text.")[:10]
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)])
-    with torch.no_grad():
-        ours = load_model(moe_checkpoint)(torch.tensor([ids]))[0].numpy()
-    assert (theirs.argmax(-1) == ours.argmax(-1)).all()  # the same greedy tokens
-    assert np.allclose(theirs, ours, atol=1e-2 * np.abs(ours).max())
+    assert_llama_cpp_runs_like_openglm(moe_checkpoint, tokenizer, tmp_path)
