@@ -24,12 +24,13 @@ def _checkpoint(directory, tokenizer, name, **overrides):
     config = Config.from_name(name, vocab_size=tokenizer.vocab_size, eos_token_id=[tokenizer.eos_id],
                               pad_token_id=tokenizer.eos_id, **overrides)
     model = GLMForCausalLM.from_config(config, seed=0)
+    generator = torch.Generator().manual_seed(0)  # the same weights every run: no near-tie left to chance
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.3)  # norms and the indexer's LayerNorm bias too, so a misplaced row shows
+            p.normal_(0, 0.3, generator=generator)  # norms and the indexer's LayerNorm bias too, so a misplaced row shows
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1, generator=generator)
     return save_model(model, directory, tokenizer=tokenizer)
 
 

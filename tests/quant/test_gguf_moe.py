@@ -23,7 +23,7 @@ def moe_checkpoint(tmp_path_factory, tokenizer):
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(10)
-        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     return save_model(model, tmp_path_factory.mktemp("moe-gguf") / "moe", tokenizer=tokenizer)
 
 
