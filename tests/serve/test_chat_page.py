@@ -286,6 +286,11 @@ def test_chat_app_end_to_end(tiny_checkpoint, tmp_path, screenshots):
         find(By.ID, "signout").click()
         find(By.ID, "key").send_keys(secret, Keys.ENTER)
         visible("#view-chat")
+        # Sampled flat (temperature 2) for up to 900 tokens, the answer runs for seconds: it is still streaming
+        # when the server dies (at 0.8 it once ended by itself after 7 tokens, before the kill; a random model's
+        # greedy answers here end within 15).
+        browser.execute_script("document.getElementById('temperature').value = '2';"
+                               "document.getElementById('max-tokens').value = '900';")
         find(By.ID, "input").send_keys("Tell me everything", Keys.ENTER)
         wait.until(lambda b: b.execute_script("const e = document.querySelector('.msg.streaming .body');"
                                               "return e && e.textContent.trim().length > 0"))
