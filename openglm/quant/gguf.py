@@ -121,14 +121,10 @@ def export_gguf(source: str | Path, output: str | Path, out_type: str = "f16") -
         writer.add_value_length(c.head_dim)
         writer.add_rope_dimension_count(c.rotary_dim)
     if c.num_experts and not mla:
-        writer.add_expert_count(c.num_experts)
-        writer.add_expert_used_count(c.num_experts_per_tok)
         writer.add_expert_shared_count(c.num_shared_experts)
         writer.add_expert_feed_forward_length(c.moe_intermediate_size)
         writer.add_leading_dense_block_count(c.first_k_dense_replace)
-        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        writer.add_expert_weights_scale(c.routed_scaling_factor)
-        writer.add_expert_weights_norm(c.norm_topk_prob)
+        _add_routing(writer, c)
         writer.add_nextn_predict_layers(0)
     qtype = getattr(gguf.GGMLQuantizationType, out_type.upper())
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -191,6 +187,17 @@ def _moe_names(state: dict) -> dict:
     return out
 
 
+def _add_routing(writer, c) -> None:
+    """The router's keys, as llama.cpp's glm4moe and deepseek2 read them: sigmoid scores, top-k, scale, norm."""
+    import gguf
+
+    writer.add_expert_count(c.num_experts)
+    writer.add_expert_used_count(c.num_experts_per_tok)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_weights_scale(c.routed_scaling_factor)
+    writer.add_expert_weights_norm(c.norm_topk_prob)
+
+
 def _check_latent(c) -> None:
     """Refuse what llama.cpp's ``deepseek2`` / ``glm-dsa`` graphs cannot represent, one line each."""
     if c.attention_bias:
@@ -236,11 +243,7 @@ def _latent_metadata(writer, c) -> None:
     writer.add_expert_feed_forward_length(c.moe_intermediate_size if c.num_experts else c.intermediate_size)
     writer.add_expert_shared_count(c.num_shared_experts if c.num_experts else 0)
     if c.num_experts:
-        writer.add_expert_count(c.num_experts)
-        writer.add_expert_used_count(c.num_experts_per_tok)
-        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        writer.add_expert_weights_scale(c.routed_scaling_factor)
-        writer.add_expert_weights_norm(c.norm_topk_prob)
+        _add_routing(writer, c)
     writer.add_nextn_predict_layers(0)
     if c.index_topk:
         writer.add_indexer_head_count(c.index_n_heads)
