@@ -24,6 +24,7 @@ VERB_MODULES = [
     "openglm.eval.cli",
     "openglm.quant.cli",
     "openglm.serve.cli",
+    "openglm.serve.worker",
     "openglm.serve.admin_cli",
 ]
 

@@ -22,10 +22,35 @@ def _examples(base: str, model: str, secret: str) -> str:
     )
 
 
+def load_engine(args, directory, name: str, fail):
+    """(engine, tokenizer) for the checkpoint in ``directory`` from the engine flags of ``args``, not
+    started. The engine runs in a process of its own unless ``args.engine_in_process``; ``fail(error)``
+    is called if that process dies."""
+    from ..data.tokenizer import load_tokenizer
+    from ..errors import OpenGLMError
+
+    tokenizer = load_tokenizer(directory)
+    engine_kw = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     max_seq_len=args.max_seq_len, preempt_tokens=args.preempt_tokens, model_name=name)
+    if args.engine_in_process:
+        import torch
+
+        from ..model.checkpoint import load_model
+        from .engine import Engine
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return Engine(load_model(directory, device=args.device), tokenizer, **engine_kw), tokenizer
+    from .engine_process import EngineProcess
+
+    # An engine process that dies stops the server, for its supervisor to restart it.
+    return EngineProcess(str(directory), device=args.device, threads=args.threads,
+                         on_exit=lambda message: fail(OpenGLMError(message)), **engine_kw), tokenizer
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from ..errors import OpenGLMError
     from ..model.checkpoint import checkpoint_dir
     from .app import attach_model, create_app
     from .store import Store
@@ -52,26 +77,7 @@ def cmd_serve(args) -> int:
 
     def load() -> None:  # the server answers /health with 503 meanwhile
         try:
-            from ..data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(directory)
-            engine_kw = dict(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                             max_seq_len=args.max_seq_len, preempt_tokens=args.preempt_tokens, model_name=name)
-            if args.engine_in_process:
-                import torch
-
-                from ..model.checkpoint import load_model
-                from .engine import Engine
-
-                if args.threads:
-                    torch.set_num_threads(args.threads)
-                engine = Engine(load_model(directory, device=args.device), tokenizer, **engine_kw)
-            else:
-                from .engine_process import EngineProcess
-
-                # An engine process that dies stops the server, for its supervisor to restart it.
-                engine = EngineProcess(str(directory), device=args.device, threads=args.threads,
-                                       on_exit=lambda message: fail(OpenGLMError(message)), **engine_kw)
+            engine, tokenizer = load_engine(args, directory, name, fail)
             attach_model(app, engine, tokenizer)  # starts the engine (and waits for its process to load the model)
             print(f"model {name} loaded; serving on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         except BaseException as e:
@@ -110,14 +116,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=DEFAULT_DB_URL, help="sqlite:///path.db or postgresql://user@host/db "
                                                         "(default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together (continuous batching)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting for a slot before 503; one request of more choices (prompts x n) is a 400")
-    p.add_argument("--preempt-tokens", type=int, default=64,
-                   help="new prompts up to this many tokens are prefilled at once, between two layers of a "
-                        "running step if need be (time to first token ~ one prefill); 0: they join the next step")
-    p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request "
-                                                                 "(default: the model's, at most 4096)")
+    add_engine_args(p)
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--admin-key", default=None, help="secret for the /admin routes (default: $OPENGLM_ADMIN_KEY; "
                                                      "keys created with --admin work too)")
@@ -127,11 +126,23 @@ def register(sub) -> None:
     p.add_argument("--docs", action="store_true",
                    help="serve the API's Swagger UI at /docs and its spec at /openapi.json to anyone "
                         "(default: no /docs; /openapi.json only to the admin key)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def add_engine_args(p) -> None:
+    """The engine's flags, shared by ``openglm serve`` and ``openglm worker``."""
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before 503; one request of more choices (prompts x n) is a 400")
+    p.add_argument("--preempt-tokens", type=int, default=64,
+                   help="new prompts up to this many tokens are prefilled at once, between two layers of a "
+                        "running step if need be (time to first token ~ one prefill); 0: they join the next step")
+    p.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request "
+                                                                 "(default: the model's, at most 4096)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine in the server's process (default: a process of its own, so that the HTTP "
                         "side and the model steps never wait for each other's interpreter lock)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the model (default: torch's; fewer than the free cores avoids stalls)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
