@@ -495,6 +495,13 @@ _GLM_TINY = Config(
 )
 # The original GLM blank-infilling form: same network, 2D positions.
 _GLM_TINY_2D = dataclasses.replace(_GLM_TINY, name="glm-tiny-2d", post_norms=False, position_encoding_2d=True)
+# glm-tiny's mixture-of-experts sibling (glm4_moe): the same width, depth, attention and vocabulary, and
+# the same 13.1M active parameters per token (one dense layer, then 16 routed experts, top-2, plus a
+# shared expert, each a third of glm-tiny's MLP width), 27M in all.
+_GLM_TINY_MOE = dataclasses.replace(
+    _GLM_TINY, name="glm-tiny-moe", post_norms=False, num_experts=16, num_experts_per_tok=2,
+    moe_intermediate_size=256, num_shared_experts=1, first_k_dense_replace=1,
+)
 # ~100M parameters, the shape the benchmarks use.
 _GLM4_100M = Config(
     name="glm-4-100m", vocab_size=32768, hidden_size=768, intermediate_size=2048, num_layers=12,
@@ -502,6 +509,6 @@ _GLM4_100M = Config(
     post_norms=True,
 )
 
-_FAMILIES = [_GLM4_9B, _GLM4_9B_CHAT, _GLM4_9B_0414, _GLM4_32B_0414, _CHATGLM3_6B, _GLM_TINY, _GLM_TINY_2D, _GLM4_100M,
+_FAMILIES = [_GLM4_9B, _GLM4_9B_CHAT, _GLM4_9B_0414, _GLM4_32B_0414, _CHATGLM3_6B, _GLM_TINY, _GLM_TINY_2D, _GLM_TINY_MOE, _GLM4_100M,
              *_MOE_FAMILIES]
 CONFIGS: dict[str, Config] = _register(*_FAMILIES, *(_debug(c) for c in _FAMILIES))
