@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from openglm import Config, GLMForCausalLM, save_model  # noqa: E402
 from openglm.data.objective import IGNORE_INDEX, SpecialIds  # noqa: E402
 from openglm.train.data import PackedBatches  # noqa: E402
-from openglm.train.loop import PretrainLoss, build_optimizer  # noqa: E402
+from openglm.train.run import PretrainLoss, build_optimizer  # noqa: E402
 from openglm.train.parallel import decoder_layers  # noqa: E402
 
 

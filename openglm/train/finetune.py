@@ -10,8 +10,8 @@ Packing: conversations fill rows of ``seq_len`` tokens in a seeded order (a new 
 ``openglm.model.masks.packed_mask`` keeps each conversation from seeing the others, and positions
 restart at 0 for each one, so a packed row gives every conversation the loss it has alone.
 
-The optimizer, schedule, checkpoints, Ctrl-C handling, metrics and progress bar are the pretraining
-loop's (``openglm.train.loop``); the run directory holds::
+The optimizer, schedule, checkpoints, Ctrl-C handling, metrics and progress bar are those of every
+``Run`` (``openglm.train.run``); the run directory holds::
 
     run.json          the settings of the run
     metrics.jsonl     one line per logged step and per evaluation
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,24 +36,10 @@ from ..config import Config
 from ..data.objective import IGNORE_INDEX, GLMSample, collate, pack
 from ..errors import OpenGLMError
 from . import checkpointing
-from .balance import LoadBalancer, balance_rate, check_aux_loss_coef
+from .balance import balance_rate, check_aux_loss_coef
 from .finetune_cli import FinetuneSettings
-from .loop import (
-    Precision,
-    PretrainLoss,
-    ValidationTracker,
-    _batch_inputs,
-    _full_state,
-    _write_run_json,
-    build_optimizer,
-    check_resume_settings,
-    check_run_settings,
-    cleanup_on_failure,
-    open_metrics,
-    resume,
-    run_steps,
-)
-from .parallel import Distributed, apply_activation_checkpointing, init_distributed, parallelize, shutdown_distributed
+from .parallel import Distributed
+from .run import Run, batch_inputs, export_weights
 
 __all__ = ["FinetuneSettings", "FinetuneResult", "finetune", "merge_adapter", "read_conversations",
            "tokenize_conversation", "ChatBatches", "pack_in_order"]
@@ -230,7 +215,7 @@ def _validation_batches(samples, s: FinetuneSettings, pad_id: int, world: Distri
     if s.eval_tokens:
         rows = rows[: -(-s.eval_tokens // s.seq_len)]
     rows += [pack([], s.seq_len, pad_id)] * (-len(rows) % s.batch_size)  # every rank gets as many batches
-    batches = [_batch_inputs(collate(rows[i : i + s.batch_size][world.rank :: world.world_size]), two_d, world.device)
+    batches = [batch_inputs(collate(rows[i : i + s.batch_size][world.rank :: world.world_size]), two_d, world.device)
                for i in range(0, len(rows), s.batch_size)]
     return batches, sum(int((r.targets != IGNORE_INDEX).sum()) for r in rows)
 
@@ -312,157 +297,112 @@ def export_chat_model(lm, directory: Path, tok, base_dir: Path, template: str | 
     return directory
 
 
-# -- the loop ----------------------------------------------------------------------------------------
+# -- the run -----------------------------------------------------------------------------------------
+
+
+class FineTuning(Run):
+    """``openglm finetune``: a checkpoint trained on chat conversations, in full or with LoRA adapters."""
+
+    fixed = RESUME_FIXED
+
+    @property
+    def eval_first(self) -> bool:
+        """A new run's held-out loss before any step is the starting point to compare against."""
+        return self.found is None
+
+    @property
+    def strict_resume(self) -> bool:
+        return not self.s.lora
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        s = self.s
+        if s.truncate not in (None, "left", "right"):
+            raise OpenGLMError(f"--truncate takes left or right, got {s.truncate!r}")
+        if s.lora and (s.lora_r < 1 or not 0.0 <= s.lora_dropout < 1.0):
+            raise OpenGLMError("--lora-r must be >= 1 and --lora-dropout in [0, 1)")
+
+    def prepare(self) -> None:
+        from ..data.chat import chat_template_of
+        from ..data.tokenizer import load_tokenizer
+        from ..model.checkpoint import checkpoint_dir
+
+        s = self.s
+        self.base_dir = checkpoint_dir(s.model)
+        self.config = Config.from_file(self.base_dir)
+        self.balance_rate = balance_rate(s.balance_rate, self.config, s.lora)
+        check_aux_loss_coef(s.aux_loss_coef, self.config, s.lora)
+        self.tok = load_tokenizer(self.base_dir)
+        self.template = chat_template_of(self.base_dir)
+        show = s.progress and self.world.is_main
+        self.train_file = train = tokenize_file(s.data, self.tok, self.template, s.seq_len, show, s.truncate)
+        if self.world.is_main:
+            print(f"{s.data}: {len(train.samples)} conversations, {train.truncated} truncated "
+                  f"({s.truncate or 'off'}), {train.skipped} left out (longer than {s.seq_len} tokens"
+                  f"{'' if s.truncate else ': use --truncate left|right to keep them'}, or no assistant turn)",
+                  file=sys.stderr)
+        self.val_samples = tokenize_file(s.val, self.tok, self.template, s.seq_len, show, s.truncate).samples \
+            if s.val else []
+        if (s.keep_best or s.early_stop) and not self.val_samples:
+            raise OpenGLMError("--keep-best and --early-stop need held-out conversations (--val)")
+        self.pad_id = self.tok.token_id("<|endoftext|>")
+
+    def build_model(self):
+        from ..model.checkpoint import load_model
+
+        s = self.s
+        lm = load_model(self.base_dir, device=self.world.device, dtype=torch.float32).train()
+        lm.requires_grad_(not s.lora)
+        self.config = lm.config
+        self.peft_model = add_lora(lm, s, _base_reference(s.model)) if s.lora else None
+        return lm  # peft injects its layers into lm in place
+
+    def make_loader(self) -> ChatBatches:
+        return ChatBatches(self.train_file.samples, self.s.seq_len, self.pad_id, seed=self.s.seed)
+
+    def validation_batches(self):
+        if not self.val_samples:
+            return None
+        return _validation_batches(self.val_samples, self.s, self.pad_id, self.world, self.two_d)
+
+    def throughput(self, step: int, steps: int, seconds: float, targets: int) -> tuple[dict, dict, str]:
+        targets_per_s = targets / max(seconds, 1e-9)
+        return ({"epoch": self.loader.epoch, "targets_per_s": targets_per_s}, {"epoch": self.loader.epoch},
+                f"{targets_per_s:,.0f} target tokens/s")
+
+    def checkpoint_weights(self, model_state: dict) -> dict:
+        if self.s.lora:  # the frozen base is in the base checkpoint already
+            return {k: v for k, v in model_state.items() if "lora_" in k}
+        return model_state
+
+    def export(self, model_state: dict) -> None:
+        if self.s.lora:
+            # From the gathered full state, not the module's own parameters: under FSDP those are
+            # shards whose storage peft cannot read. Names as peft's own state dict gives them.
+            adapters = {"base_model.model." + k.removeprefix("lm."): v for k, v in model_state.items()}
+            # no embedding check: peft would look the base up as a transformers model or on the Hub
+            self.peft_model.save_pretrained(str(self.run_dir / ADAPTER), state_dict=adapters,
+                                            save_embedding_layers=False)
+        else:
+            export_chat_model(export_weights(self.config, model_state), self.run_dir / MODEL, self.tok,
+                              self.base_dir, self.template)
+
+    def finish(self, step, loss, val_loss, interrupted) -> FinetuneResult:
+        s, run_dir = self.s, self.run_dir
+        early = not interrupted and self.stopped_early()
+        if self.world.is_main:
+            if step < s.steps and not early:
+                print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "
+                      f"continue with --resume", file=sys.stderr)
+            else:
+                if s.lora and s.merge:
+                    merge_adapter(run_dir / ADAPTER, run_dir / MODEL)
+                where = run_dir / (MODEL if not s.lora or s.merge else ADAPTER)
+                print(f"fine-tuned {step} steps{' (stopped early)' if early else ''}; saved in {where}",
+                      file=sys.stderr)
+        return FinetuneResult(step, loss, val_loss, interrupted, self.train_file.skipped, self.train_file.truncated)
 
 
 def finetune(s: FinetuneSettings) -> FinetuneResult:
     """Fine-tune (or, with ``s.resume``, continue) a run; see the module docstring for what it writes."""
-    world = init_distributed(s.device)
-    try:
-        return _finetune(s, world)
-    finally:
-        if world.world_size > 1:
-            shutdown_distributed()
-
-
-def _check_settings(s: FinetuneSettings, world: Distributed) -> None:
-    check_run_settings(s, world)
-    if s.eval_tokens < 0:
-        raise OpenGLMError("--eval-tokens must be >= 0")
-    if s.truncate not in (None, "left", "right"):
-        raise OpenGLMError(f"--truncate takes left or right, got {s.truncate!r}")
-    if s.lora and (s.lora_r < 1 or not 0.0 <= s.lora_dropout < 1.0):
-        raise OpenGLMError("--lora-r must be >= 1 and --lora-dropout in [0, 1)")
-
-
-def _finetune(s: FinetuneSettings, world: Distributed) -> FinetuneResult:
-    from ..data.chat import chat_template_of
-    from ..data.tokenizer import load_tokenizer
-    from ..model.checkpoint import checkpoint_dir
-
-    _check_settings(s, world)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    run_dir = Path(s.out)
-    found = checkpointing.find_checkpoint(run_dir)
-    if found is not None and not s.resume:
-        raise OpenGLMError(f"{run_dir} already holds a training checkpoint: pass --resume, or choose a new directory")
-    base_dir = checkpoint_dir(s.model)
-    config = Config.from_file(base_dir)
-    rate = balance_rate(s.balance_rate, config, s.lora)
-    check_aux_loss_coef(s.aux_loss_coef, config, s.lora)
-    tok = load_tokenizer(base_dir)
-    template = chat_template_of(base_dir)
-    show = s.progress and world.is_main
-    train_file = tokenize_file(s.data, tok, template, s.seq_len, show, s.truncate)
-    if world.is_main:
-        print(f"{s.data}: {len(train_file.samples)} conversations, {train_file.truncated} truncated "
-              f"({s.truncate or 'off'}), {train_file.skipped} left out (longer than {s.seq_len} tokens"
-              f"{'' if s.truncate else ': use --truncate left|right to keep them'}, or no assistant turn)",
-              file=sys.stderr)
-    val_samples = tokenize_file(s.val, tok, template, s.seq_len, show, s.truncate).samples if s.val else []
-    if (s.keep_best or s.early_stop) and not val_samples:
-        raise OpenGLMError("--keep-best and --early-stop need held-out conversations (--val)")
-    loaded = checkpointing.load_checkpoint(found) if found is not None else None
-    run_record = check_resume_settings(s, run_dir, loaded[2]["step"] if loaded else None, fixed=RESUME_FIXED)
-    existed = run_dir.exists()
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpointing.remove_stale_temporaries(run_dir)
-    with cleanup_on_failure(run_dir, world, fresh=found is None, existed=existed):
-        if world.is_main:
-            _write_run_json(run_dir, run_record)
-        return _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples, rate)
-
-
-def _train(s, world, run_dir, found, loaded, base_dir, tok, template, train_file, val_samples,
-           rate) -> FinetuneResult:
-    from ..model.checkpoint import load_model
-
-    random.seed(s.seed)
-    np.random.seed(s.seed)
-    torch.manual_seed(s.seed)
-    lm = load_model(base_dir, device=world.device, dtype=torch.float32).train()
-    lm.requires_grad_(not s.lora)
-    config = lm.config
-    peft_model = add_lora(lm, s, _base_reference(s.model)) if s.lora else None
-    module = PretrainLoss(lm)  # peft injects its layers into lm in place
-    if s.grad_checkpointing:
-        apply_activation_checkpointing(module)
-    module = parallelize(module, s.parallel, world)
-    optimizer = build_optimizer(module, s.lr, s.weight_decay, world.device)
-    balance = LoadBalancer(module, rate, world, s.aux_loss_coef)
-    min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
-    precision = Precision(s, world.device)
-
-    pad_id = tok.token_id("<|endoftext|>")
-    loader = ChatBatches(train_file.samples, s.seq_len, pad_id, seed=s.seed)
-    state = resume(found, loaded, module, optimizer, loader, strict=not s.lora) if found is not None else {"step": 0}
-    step = state["step"]
-    precision.load_state_dict(state.get("scaler"))
-    validation = ValidationTracker(state.get("validation"))
-    two_d = config.position_encoding_2d
-    val_batches = _validation_batches(val_samples, s, pad_id, world, two_d) if val_samples else None
-    metrics = open_metrics(s, run_dir, world, step if found is not None else None)
-
-    def save(step):
-        model_state, optimizer_state = _full_state(module, optimizer)
-        if s.lora:  # the frozen base is in the base checkpoint already
-            model_state = {k: v for k, v in model_state.items() if "lora_" in k}
-        if world.is_main:
-            state = {"step": step, "val_loss": validation.at(step), "validation": validation.state_dict(),
-                     "scaler": precision.state_dict(), "rng": checkpointing.rng_state(), "data": loader.state_dict(),
-                     "settings": dataclasses.asdict(s)}
-            checkpointing.save_checkpoint(run_dir, model_state, optimizer_state, state, s.keep_previous,
-                                          keep=s.keep, keep_best=s.keep_best)
-            if s.lora:
-                # From the gathered full state, not the module's own parameters: under FSDP those are
-                # shards whose storage peft cannot read. Names as peft's own state dict gives them.
-                adapters = {"base_model.model." + k.removeprefix("lm."): v for k, v in model_state.items()}
-                # no embedding check: peft would look the base up as a transformers model or on the Hub
-                peft_model.save_pretrained(str(run_dir / ADAPTER), state_dict=adapters, save_embedding_layers=False)
-            else:
-                _export_full(config, model_state, run_dir / MODEL, tok, base_dir, template)
-
-    def describe(step, loss, lr, grad_norm, steps, seconds, targets):
-        targets_per_s = targets / max(seconds, 1e-9)
-        return ({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": loader.epoch,
-                 "targets_per_s": targets_per_s},
-                {"loss": f"{loss:.4f}", "epoch": loader.epoch},
-                f"step {step}/{s.steps} loss {loss:.4f} lr {lr:.2e} grad norm {grad_norm:.3f} "
-                f"{targets_per_s:,.0f} target tokens/s")
-
-    # The held-out loss before any step is the starting point to compare against.
-    finished = False
-    try:
-        step, loss, val_loss, interrupted = run_steps(
-            s, step, module, optimizer, loader, world, two_d, precision, min_lr, val_batches, metrics, save,
-            describe, show=s.progress and world.is_main, validation=validation, eval_first=found is None,
-            balance=balance)
-        finished = step >= s.steps
-    finally:
-        metrics.close(finished)
-    early = not interrupted and s.early_stop and validation.since_best >= s.early_stop
-    if world.is_main:
-        if step < s.steps and not early:
-            print(f"stopped at step {step}; checkpoint saved in {run_dir / checkpointing.CHECKPOINT}; "
-                  f"continue with --resume", file=sys.stderr)
-        else:
-            if s.lora and s.merge:
-                merge_adapter(run_dir / ADAPTER, run_dir / MODEL)
-            where = run_dir / (MODEL if not s.lora or s.merge else ADAPTER)
-            print(f"fine-tuned {step} steps{' (stopped early)' if early else ''}; saved in {where}", file=sys.stderr)
-    return FinetuneResult(step, loss, val_loss, interrupted, train_file.skipped, train_file.truncated)
-
-
-def _export_full(config, model_state: dict, directory: Path, tok, base_dir: Path, template: str) -> None:
-    """Save full-fine-tuned weights (the training module's state) as a plain chat checkpoint."""
-    from ..model.glm import GLMForCausalLM
-
-    with torch.device("meta"):
-        lm = GLMForCausalLM(config)
-    state = {k.removeprefix("lm."): v for k, v in model_state.items()}
-    lm.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        lm.lm_head.weight = lm.model.embed_tokens.weight
-    export_chat_model(lm, directory, tok, base_dir, template)
+    return FineTuning(s).execute()

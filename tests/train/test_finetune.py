@@ -21,7 +21,7 @@ from openglm.train.finetune import (
     pack_in_order,
     tokenize_conversation,
 )
-from openglm.train.loop import PretrainLoss
+from openglm.train.run import PretrainLoss
 
 COLOURS = ["red", "blue", "green", "black", "white", "yellow"]
 

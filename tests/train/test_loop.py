@@ -12,7 +12,8 @@ import pytest
 import openglm
 from openglm.errors import OpenGLMError
 from openglm.train import checkpointing
-from openglm.train.loop import learning_rate, pretrain
+from openglm.train.loop import pretrain
+from openglm.train.run import learning_rate
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -131,7 +132,7 @@ def test_gradient_norm_is_exact_on_glm_tiny(tmp_path):
     import torch
 
     from openglm import Config, GLMForCausalLM
-    from openglm.train.loop import PretrainLoss, clip_grad_norm
+    from openglm.train.run import PretrainLoss, clip_grad_norm
 
     torch.manual_seed(0)
     module = PretrainLoss(GLMForCausalLM.from_config(Config.from_name("glm-tiny"), seed=0))

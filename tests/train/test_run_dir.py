@@ -12,6 +12,7 @@ from openglm.cli import main
 from openglm.errors import OpenGLMError
 from openglm.train import checkpointing, loop
 from openglm.train.loop import pretrain
+from openglm.train.run import Run, learning_rate
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -91,8 +92,8 @@ def test_a_failed_new_run_leaves_nothing(settings, tmp_path, monkeypatch):
             raise RuntimeError("out of memory")
         return real_step(*args)
 
-    real_step = loop.train_step
-    monkeypatch.setattr(loop, "train_step", failing_step)
+    real_step = Run.train_step
+    monkeypatch.setattr(Run, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="out of memory"):
         pretrain(settings(tmp_path / "run", save_every=100))
     assert not (tmp_path / "run").exists()
@@ -118,13 +119,13 @@ def test_resume_with_changed_settings_says_so_and_keeps_history(settings, tmp_pa
     err = capsys.readouterr().err
     assert "resuming at step 4 with changed settings: --steps 8 -> 12, --lr 0.003 -> 0.002, --clip 1.0 -> 0.5" in err
     # step 4 of 8 at 3e-3 (warmup 2): cosine halfway through 6 steps; of 12 at 2e-3: 2/10 of the way
-    old, new = loop.learning_rate(4, 3e-3, 3e-4, 2, 8), loop.learning_rate(4, 2e-3, 2e-4, 2, 12)
+    old, new = learning_rate(4, 3e-3, 3e-4, 2, 8), learning_rate(4, 2e-3, 2e-4, 2, 12)
     assert f"learning rate at step 4: {old:.4g} -> {new:.4g}; the schedule is recomputed over 12 steps" in err
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["lr"] == 2e-3 and run_json["steps"] == 12
     assert run_json["history"] == [{"step": 4, "changed": {"steps": [8, 12], "lr": [3e-3, 2e-3], "clip": [1.0, 0.5]}}]
     assert [r["lr"] for r in records(run) if r["step"] == 5 and "lr" in r] == [pytest.approx(
-        loop.learning_rate(4, 2e-3, 2e-4, 2, 12))]
+        learning_rate(4, 2e-3, 2e-4, 2, 12))]
 
 
 def test_validation_set_is_fixed_by_tokens(data_dir, settings, tmp_path):
