@@ -49,3 +49,13 @@ def test_invalid_shapes_are_refused():
         Config.from_name("glm-tiny-debug", num_heads=3)
     with pytest.raises(OpenGLMError, match="2D positions"):
         Config.from_name("glm-tiny-debug", position_encoding_2d=True, partial_rotary_factor=1.0)
+
+
+def test_glm_tiny_moe_uses_as_many_parameters_per_token_as_glm_tiny():
+    dense, moe = CONFIGS["glm-tiny"], CONFIGS["glm-tiny-moe"]
+    assert (moe.vocab_size, moe.hidden_size, moe.num_layers, moe.num_heads) == \
+        (dense.vocab_size, dense.hidden_size, dense.num_layers, dense.num_heads)
+    assert moe.model_type == "glm4_moe" and moe.num_moe_layers == 5
+    # the routers (16 x 256 per MoE layer) less glm4's post-norms: 0.13% more per token
+    assert moe.num_active_parameters == pytest.approx(dense.num_active_parameters, rel=2e-3)
+    assert moe.num_parameters > 2 * dense.num_parameters
