@@ -92,7 +92,7 @@ def cmd_serve(args) -> int:
     try:
         server.run()
     finally:
-        engine = app.state.server.engine
+        engine = app.state.services.backend.engine
         if engine is not None:
             engine.stop()
         store.close()

@@ -12,14 +12,14 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 class Metrics:
     """A private registry per app (tests run several apps in one process)."""
 
-    def __init__(self, engine_of):
-        """``engine_of()`` is the engine, or None while the model loads."""
+    def __init__(self, backend):
+        """``backend``: where generations run (its ``num_running`` and ``num_waiting`` are gauges)."""
         self.registry = CollectorRegistry()
         r = self.registry
         running = Gauge("openglm_num_requests_running", "Requests in the engine's running batch.", registry=r)
         waiting = Gauge("openglm_num_requests_waiting", "Requests queued for a batch slot.", registry=r)
-        running.set_function(lambda: getattr(engine_of(), "num_running", 0))
-        waiting.set_function(lambda: getattr(engine_of(), "num_waiting", 0))
+        running.set_function(lambda: backend.num_running)
+        waiting.set_function(lambda: backend.num_waiting)
         self.prompt_tokens = Counter("openglm_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("openglm_generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("openglm_request_success", "Finished requests by finish reason.",

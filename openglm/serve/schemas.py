@@ -329,13 +329,23 @@ class InfillRequest(_Request):
 
 # --- responses -------------------------------------------------------------------------------------
 
-class Usage(BaseModel):
+class _Response(BaseModel):
+    """A response body, written with ``model_dump_json(exclude_unset=True)``: a field with a default
+    value (``object``, ``role``) is always written, an optional one (default None) only where it was
+    given (None then as null), so that each body has exactly the keys OpenAI's has."""
+
+    def model_post_init(self, context: Any) -> None:
+        self.__pydantic_fields_set__.update(name for name, field in type(self).model_fields.items()
+                                            if field.default is not None)
+
+
+class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_Response):
     token: str
     logprob: float
     bytes: list[int]
@@ -345,24 +355,24 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(_Response):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     finish_reason: str
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Response):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -372,21 +382,21 @@ class ChatCompletion(BaseModel):
     request_id: str | None = None  # Zhipu's route echoes it
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_Response):
     tokens: list[str]
     token_logprobs: list[float | None]  # None: the first prompt token of an echo, which nothing predicts
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: str
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(BaseModel):
+class Completion(_Response):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -395,20 +405,20 @@ class Completion(BaseModel):
     usage: Usage
 
 
-class Embedding(BaseModel):
+class Embedding(_Response):
     index: int
     object: Literal["embedding"] = "embedding"
     embedding: list[float] | str  # floats, or base64 of little-endian float32
 
 
-class EmbeddingList(BaseModel):
+class EmbeddingList(_Response):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
     usage: Usage
 
 
-class Infill(BaseModel):
+class Infill(_Response):
     id: str
     object: Literal["infill"] = "infill"
     created: int
@@ -418,27 +428,88 @@ class Infill(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
+class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "openglm"
 
 
-class ModelList(BaseModel):
+class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorDetail(BaseModel):
+class ChunkToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatDelta(_Response):
+    """What a stream chunk adds to a choice's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat completion; the last one (``include_usage``) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    request_id: str | None = None  # Zhipu's route echoes it
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(_Response):
     message: str
     type: str | None = None
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Response):
     error: ErrorDetail
+
+
+class ZhipuErrorDetail(_Response):
+    code: str  # Zhipu's codes are strings: "1113"
+    message: str
+
+
+class ZhipuErrorResponse(_Response):
+    error: ZhipuErrorDetail
 
 
 # --- usage and admin -------------------------------------------------------------------------------

@@ -67,27 +67,32 @@ def create_worker_app(engine, tokenizer, model_name: str, *, worker_key: str | N
                       max_body_bytes: int = 1 << 20):
     """The worker's HTTP API over ``engine`` (None while the model loads; see ``attach_model``): the
     server's own OpenAI routes, unmetered, and a ``/health`` that reports the engine's load."""
-    from .app import APIError, create_app
+    from fastapi import APIRouter
 
-    app = create_app(engine, Unmetered(worker_key), model_name, tokenizer, max_body_bytes=max_body_bytes)
-    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) in WORKER_ROUTES]
-    srv = app.state.server
-    auth = Depends(srv.authenticate)
+    from .app import app_for
+    from .routes import openai, system
+    from .routes.deps import api_key
+    from .services import EngineBackend, Services
+
+    services = Services.build(EngineBackend(engine), Unmetered(worker_key), model_name, tokenizer, None)
+    app = app_for(services, max_body_bytes=max_body_bytes)
+    kept = [route for module in (openai, system) for route in module.router.routes if route.path in WORKER_ROUTES]
+    app.include_router(APIRouter(routes=kept))
 
     @app.get("/health")
     async def health():
         """200 with the engine's load once it serves; 503 while the model loads or if its engine stopped."""
-        engine = srv.ready()
+        engine = services.backend.ready()
         running = engine.num_running
-        return {"status": "ok", "model": srv.model_name, "running": running, "waiting": engine.num_waiting,
+        return {"status": "ok", "model": services.model_name, "running": running, "waiting": engine.num_waiting,
                 "free_slots": max(0, engine.max_batch_size - running), "max_batch_size": engine.max_batch_size,
                 "max_model_len": engine.max_seq_len}
 
-    @app.get("/v1/models")
-    async def list_models(key=auth):
+    @app.get("/v1/models", dependencies=[Depends(api_key)])
+    async def list_models():
         """The worker's model, with its context length (``max_model_len``, as vLLM reports it)."""
-        engine = srv.ready()
-        return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
+        engine = services.backend.ready()
+        return {"object": "list", "data": [{"id": services.model_name, "object": "model", "created": services.created,
                                             "owned_by": "openglm", "max_model_len": engine.max_seq_len}]}
 
     return app
@@ -125,7 +130,7 @@ def cmd_worker(args) -> int:
     try:
         server.run()
     finally:
-        engine = app.state.server.engine
+        engine = app.state.services.backend.engine
         if engine is not None:
             engine.stop()
     if failure:

@@ -88,7 +88,7 @@ def test_echo_with_logprobs_scores_the_prompt(live, tokenizer, tiny_checkpoint):
     assert one.logprobs.text_offset[-1] == len(choice.text)
 
     # A prompt longer than one output-layer product of the scoring pass.
-    from openglm.serve.app import SCORE_ROWS
+    from openglm.serve.engine_tasks import SCORE_ROWS
 
     long = (ids * (SCORE_ROWS // len(ids) + 2))[: SCORE_ROWS + 20]
     scored = c.completions.create(model="tiny", prompt=long, echo=True, logprobs=1, max_tokens=0).choices[0]

@@ -12,7 +12,7 @@ import pytest
 from live_server import serving
 
 from openglm import OpenGLMError, SamplingParams, load_model, load_tokenizer
-from openglm.serve.app import _embed
+from openglm.serve.engine_tasks import embed
 from openglm.serve.engine import Engine, EngineFull, EngineRequest, PromptTooLong
 from openglm.serve.engine_process import EngineProcess
 
@@ -110,9 +110,9 @@ def test_run_exclusive_runs_in_the_engine_process_with_its_model(remote, tiny_ch
 
     async def scenario():
         pid = await remote.run_exclusive(os.getpid)
-        vectors, _ = await remote.run_exclusive(_embed, remote.model, batch)
+        vectors, _ = await remote.run_exclusive(embed, remote.model, batch)
         with pytest.raises(IndexError):
-            await remote.run_exclusive(_embed, remote.model, [[10**6]])
+            await remote.run_exclusive(embed, remote.model, [[10**6]])
         with pytest.raises(Exception, match="pickle|lambda"):
             await remote.run_exclusive(lambda: 1)
         return pid, vectors
@@ -120,7 +120,7 @@ def test_run_exclusive_runs_in_the_engine_process_with_its_model(remote, tiny_ch
     pid, vectors = asyncio.run(scenario())
     assert pid == remote.pid != os.getpid()
     # (the engine's model has its decode layout and one thread: the same values up to rounding)
-    assert abs(vectors - _embed(model, batch)[0]).max() < 1e-5
+    assert abs(vectors - embed(model, batch)[0]).max() < 1e-5
 
 
 def test_a_checkpoint_that_does_not_load_fails_start_with_its_message(tmp_path):
@@ -156,7 +156,7 @@ def test_the_api_answers_503_once_its_engine_process_died(tiny_checkpoint, tmp_p
         auth = {"Authorization": f"Bearer {secret}"}
         body = {"model": "tiny", "prompt": "It", "max_tokens": 2}
         assert httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
-        engine = server.server.config.app.state.server.engine
+        engine = server.server.config.app.state.services.backend.engine
         os.kill(engine.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while engine.alive and time.monotonic() < deadline:

@@ -136,7 +136,7 @@ def test_two_servers_on_one_postgres_never_overspend(tiny_checkpoint, postgres_u
 def test_kill_9_under_load_then_restart_bills_what_was_sent(tiny_checkpoint, tmp_path, engine):
     import sqlalchemy
 
-    from openglm.serve.app import RECORD_LAG
+    from openglm.serve.services.billing import RECORD_LAG
     from openglm.serve.db import usage
     from openglm.serve.store import Store
 

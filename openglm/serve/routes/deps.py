@@ -1,0 +1,34 @@
+"""What routes depend on: the app's ``Services`` and the caller's key."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from ..services import Services
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def api_key(request: Request):
+    """The caller's key, checked now."""
+    return await services(request).auth.key(request)
+
+
+async def billed_key(request: Request):
+    """The caller's key for a generation route: ``Store.reserve`` checks it again (see ``Auth.billed_key``)."""
+    return await services(request).auth.billed_key(request)
+
+
+async def admin(request: Request):
+    """The admin secret or an admin key (403 for another key)."""
+    return await services(request).auth.admin(request)
+
+
+Svc = Annotated[Services, Depends(services)]
+Key = Annotated[Any, Depends(api_key)]
+BilledKey = Annotated[Any, Depends(billed_key)]
+ADMIN = Depends(admin)
