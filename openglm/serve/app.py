@@ -40,10 +40,15 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
     """
     services = Services.build(EngineBackend(engine), store, model_name, tokenizer, admin_key)
     app = app_for(services, max_body_bytes=max_body_bytes, public_metrics=public_metrics, docs=docs)
+    add_api_routes(app)
+    return app
+
+
+def add_api_routes(app: FastAPI) -> None:
+    """Every route of the server: the chat app, the account, OpenAI's, Zhipu's, GLM's and the admin API."""
     web.mount_static(app)
     for module in (web, conversations, account, system, openai, zhipu, infill, admin):
         app.include_router(module.router)
-    return app
 
 
 def app_for(services: Services, *, max_body_bytes: int = 1 << 20, public_metrics: bool = False,

@@ -59,11 +59,9 @@ class Completions:
         return SSEResponse(job, answer.events(request.url.path, job), headers)
 
     async def _prompts_only(self, key, body: S.CompletionRequest, prompts: list[list[int]], answer: _Answer):
-        async def score():
-            return await self.generations.backend.run_on_model(engine_tasks.prompt_logprobs,
-                                                               prompts if answer.scored else [], body.logprobs or 0)
-
-        entries, usage, rid, headers = await self.generations.exclusive(key, sum(map(len, prompts)), 0, None, score)
+        entries, usage, rid, headers = await self.generations.exclusive(
+            key, sum(map(len, prompts)), 0, None, engine_tasks.prompt_logprobs, prompts if answer.scored else [],
+            body.logprobs or 0)
         answer.id = f"cmpl-{rid}"
         if answer.scored:
             answer.prefixes = entries

@@ -34,11 +34,7 @@ class Embeddings:
             if len(ids) > gen.max_seq_len:
                 raise APIError(400, f"an input has {len(ids)} tokens, more than the model's context of "
                                f"{gen.max_seq_len}", code="context_length_exceeded", param="input")
-
-        async def embed():
-            return await gen.backend.run_on_model(engine_tasks.embed, batch)
-
-        vectors, usage, _, headers = await gen.exclusive(key, sum(map(len, batch)), 0, None, embed)
+        vectors, usage, _, headers = await gen.exclusive(key, sum(map(len, batch)), 0, None, engine_tasks.embed, batch)
         data = []
         for i, v in enumerate(vectors):
             value = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" \

@@ -64,11 +64,9 @@ class GenerationBackend(Protocol):
 
     def submit(self, prompt: list[int], params: SamplingParams, logprobs: int | None) -> Handle: ...
 
-    async def run_on_model(self, fn, *args) -> Any:
-        """``fn(model, *args)`` (a module-level function) where the model is, between generation steps."""
-
-    async def run_on_model_with_tokenizer(self, fn, *args) -> Any:
-        """``fn(model, tokenizer, *args)``, likewise."""
+    async def run_on_model(self, fn, *args, with_tokenizer: bool = False) -> Any:
+        """``fn(model, *args)``, or ``fn(model, tokenizer, *args)``, where the model is, between
+        generation steps (``fn`` a module-level function: it may run in another process)."""
 
 
 class EngineBackend:
@@ -111,17 +109,11 @@ class EngineBackend:
         except EngineFull as e:
             raise overloaded(e) from None
 
-    async def run_on_model(self, fn, *args):
+    async def run_on_model(self, fn, *args, with_tokenizer: bool = False):
         engine = self.ready()
+        own = (engine.model, engine.tokenizer) if with_tokenizer else (engine.model,)
         try:
-            return await engine.run_exclusive(fn, engine.model, *args)
-        except EngineFull as e:
-            raise overloaded(e) from None
-
-    async def run_on_model_with_tokenizer(self, fn, *args):
-        engine = self.ready()
-        try:
-            return await engine.run_exclusive(fn, engine.model, engine.tokenizer, *args)
+            return await engine.run_exclusive(fn, *own, *args)
         except EngineFull as e:
             raise overloaded(e) from None
 
@@ -342,14 +334,16 @@ class Generations:
         drainer.result()  # raises the job's APIError, if any
         return choices
 
-    async def exclusive(self, key, prompt_tokens: int, max_tokens: int, request_id: str | None, run):
-        """Await ``run()`` (returning (result, generated tokens)), billed like a generation; returns
-        (result, usage, request id, the key's rate-limit headers). A failure releases the reservation unbilled."""
+    async def exclusive(self, key, prompt_tokens: int, max_tokens: int, request_id: str | None, fn, *args,
+                        with_tokenizer: bool = False):
+        """``fn`` on the model (``GenerationBackend.run_on_model``; it returns (result, generated tokens)),
+        billed like a generation; returns (result, usage, request id, the key's rate-limit headers).
+        A failure releases the reservation unbilled."""
         self.backend.ready()
         arrived = time.monotonic()
         reservation = await self.billing.reserve(key, request_id, prompt_tokens, max_tokens, False)
         try:
-            result, completion = await run()
+            result, completion = await self.backend.run_on_model(fn, *args, with_tokenizer=with_tokenizer)
         except BaseException:
             await asyncio.shield(self.billing.release(reservation))
             raise

@@ -48,11 +48,8 @@ class Infill:
                            param="max_tokens", zhipu="1261")
         params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed)
-
-        async def fill():
-            return await gen.backend.run_on_model_with_tokenizer(engine_tasks.infill, body.prompt, params)
-
         (text, spans), usage, rid, headers = await gen.exclusive(key, prompt_tokens, blanks * body.max_tokens,
-                                                                 body.request_id, fill)
+                                                                 body.request_id, engine_tasks.infill, body.prompt,
+                                                                 params, with_tokenizer=True)
         return S.Infill(id=f"infill-{rid}", created=int(time.time()), model=gen.model_name, text=text, spans=spans,
                         usage=usage), headers
