@@ -58,6 +58,9 @@ def add_run_options(parser, option) -> None:
                              "optimizer step, 0 to turn balancing off (default 1e-3; dense models and LoRA: 0)")
     option("--aux-loss-coef", "MoE models: weight of DeepSeek-V3's sequence-wise balance loss, 0 for none",
            type=float, metavar="C")
+    option("--expert-parallel", "MoE models under torchrun: shard the routed experts over groups of N processes, "
+                                "tokens sent to their experts' process and back (all-to-all); with --parallel ddp",
+           type=int, metavar="N")
 
 
 def register(subparsers) -> None:

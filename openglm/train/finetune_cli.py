@@ -75,6 +75,7 @@ class FinetuneSettings:
     seed: int = 0
     threads: int | None = None
     parallel: str = "ddp"
+    expert_parallel: int = 1  # MoE: ranks each expert-parallel group shards the routed experts over (1: none)
     progress: bool = True
 
 

@@ -90,11 +90,12 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, DecoderLayer)]
 
 
-def parallelize(module: nn.Module, mode: str, world: Distributed) -> nn.Module:
+def parallelize(module: nn.Module, mode: str, world: Distributed, ignore: list[str] | None = None) -> nn.Module:
     """``module`` wrapped for data parallelism over ``world`` (unchanged for a single process).
 
     mode: ``"ddp"`` (a full replica per rank, gradients all-reduced) or ``"fsdp"`` (FSDP2:
-    parameters, gradients and optimizer state sharded per decoder layer).
+    parameters, gradients and optimizer state sharded per decoder layer). ``ignore``: names of
+    parameters DDP leaves alone (expert shards, whose gradients ``openglm.train.expert_parallel`` reduces).
     """
     if mode not in PARALLEL_MODES:
         raise OpenGLMError(f"unknown parallel mode {mode!r}; choose from {', '.join(PARALLEL_MODES)}")
@@ -103,6 +104,8 @@ def parallelize(module: nn.Module, mode: str, world: Distributed) -> nn.Module:
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if ignore:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
         return DistributedDataParallel(module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -56,6 +56,7 @@ from ..data.objective import IGNORE_INDEX
 from ..errors import OpenGLMError
 from . import checkpointing
 from .balance import LoadBalancer
+from .expert_parallel import ExpertParallel, check_expert_parallel
 from .loss import linear_cross_entropy
 from .parallel import (
     Distributed,
@@ -111,19 +112,26 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, device: t
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 
-def clip_grad_norm(module: nn.Module, clip: float) -> float:
+def clip_grad_norm(module: nn.Module, clip: float, expert_parallel: ExpertParallel | None = None) -> float:
     """The global gradient norm, accumulated in float64, and gradients scaled to at most ``clip`` (0: no clipping).
+    With ``expert_parallel`` the squares of the expert shards' gradients are summed over their group.
 
     ``torch.nn.utils.clip_grad_norm_`` sums the squares in float32: on glm-tiny its norm was 6.5e-5
     (relative) off the exact one, and off by a different amount when FSDP sums the same gradients
     shard by shard, so clipping scaled FSDP's update differently from the first step on. In float64
     the norms of one process and of FSDP agree to 1e-8.
     """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
         return 0.0
+    grads = [p.grad for p in params]
     norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
-    total = torch.linalg.vector_norm(norms)
+    if expert_parallel is None:
+        total = torch.linalg.vector_norm(norms)
+    else:
+        shards = {id(p) for p in expert_parallel.params}
+        sharded = torch.tensor([id(p) in shards for p in params], device=norms.device)
+        total = (norms[~sharded].square().sum() + expert_parallel.squared_norm(norms[sharded])).sqrt()
     if hasattr(total, "full_tensor"):  # a DTensor under FSDP: the sum over the shards
         total = total.full_tensor()
     total = float(total)
@@ -365,6 +373,8 @@ class Run:
             raise OpenGLMError("choose one of --bf16 and --fp16")
         if s.eval_tokens < 0:
             raise OpenGLMError(f"--eval-tokens must be >= 0, got {s.eval_tokens}")
+        if s.expert_parallel < 1:
+            raise OpenGLMError(f"--expert-parallel must be >= 1, got {s.expert_parallel}")
         parse_trackers(s.log_to)
         if world.is_main:
             check_writable(s.out)
@@ -420,6 +430,7 @@ class Run:
         if self.found is not None and not s.resume:
             raise OpenGLMError(f"{run_dir} already holds a training checkpoint: pass --resume, or choose a new directory")
         self.prepare()
+        check_expert_parallel(s.expert_parallel, world, self.config, s.parallel, getattr(s, "lora", False))
         # A damaged checkpoint is found here, before anything is written.
         self.loaded = checkpointing.load_checkpoint(self.found) if self.found is not None else None
         record = check_resume_settings(s, run_dir, self.loaded[2]["step"] if self.loaded else None, self.fixed)
@@ -452,12 +463,13 @@ class Run:
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)
         module = PretrainLoss(self.build_model())
+        self.expert_parallel = ExpertParallel.shard(module, s.expert_parallel, world) if s.expert_parallel > 1 else None
         if s.grad_checkpointing:
             apply_activation_checkpointing(module)
         if getattr(s, "compile", False):
             for layer in decoder_layers(module):
                 layer.compile()
-        self.module = parallelize(module, s.parallel, world)
+        self.module = parallelize(module, s.parallel, world, self.expert_parallel and self.expert_parallel.names)
         self.optimizer = build_optimizer(self.module, s.lr, s.weight_decay, world.device)
         self.balance = LoadBalancer(self.module, self.balance_rate, world, s.aux_loss_coef)
         self.min_lr = s.lr / 10 if s.min_lr is None else s.min_lr
@@ -477,6 +489,8 @@ class Run:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         model_state, optimizer_state, state = self.loaded
+        if self.expert_parallel:
+            model_state, optimizer_state = self.expert_parallel.local_state(model_state, optimizer_state)
         try:
             set_state_dict(self.module, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                            options=StateDictOptions(full_state_dict=True, strict=self.strict_resume))
@@ -488,11 +502,15 @@ class Run:
         return state
 
     def full_state(self) -> tuple[dict, dict]:
-        """Unsharded model and optimizer state dicts (rank 0 gets them under FSDP; every rank otherwise)."""
+        """Unsharded model and optimizer state dicts, on the CPU; only rank 0 gets them filled (every rank
+        must call this: FSDP gathers its shards here, expert parallelism its experts)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(self.module, self.optimizer,
-                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state, optimizer_state = get_state_dict(
+            self.module, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.expert_parallel:
+            return self.expert_parallel.full_state(model_state, optimizer_state, self.optimizer)
+        return model_state, optimizer_state
 
     def save(self, step: int) -> None:
         s = self.s
@@ -533,9 +551,11 @@ class Run:
                         objective = objective + aux / len(micro)
                 (objective if scaler is None else scaler.scale(objective)).backward()
             loss_sum += loss.item()
+        if self.expert_parallel:
+            self.expert_parallel.reduce_gradients()
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip and report the true gradient norm
-        grad_norm = clip_grad_norm(module, self.s.clip)
+        grad_norm = clip_grad_norm(module, self.s.clip, self.expert_parallel)
         if scaler is None:
             optimizer.step()
         else:

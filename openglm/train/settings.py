@@ -52,4 +52,5 @@ class PretrainSettings:
     threads: int | None = None
     compile: bool = False
     parallel: str = "ddp"
+    expert_parallel: int = 1  # MoE: ranks each expert-parallel group shards the routed experts over (1: none)
     progress: bool = True
