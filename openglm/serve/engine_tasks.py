@@ -1,4 +1,4 @@
-"""Work the HTTP routes run on the model between generation steps (``EngineBackend.run_on_model``).
+"""Work the HTTP routes run on the model between generation steps (``GenerationBackend.run_on_model``).
 
 Each is a module-level function (the engine may run in a process of its own: it must pickle) that
 takes the model first and returns (result, generated token count) for billing.

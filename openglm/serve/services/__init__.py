@@ -15,7 +15,8 @@ from .billing import Billing
 from .chat import Chat
 from .completions import Completions
 from .embeddings import Embeddings
-from .generation import EngineBackend, GenerationBackend, Generations
+from .backend import EngineBackend, GenerationBackend
+from .generation import Generations
 from .infill import Infill
 from .tokens import Tokens
 
