@@ -136,3 +136,35 @@ def test_expert_parallel_needs_a_moe_model_and_processes(data_dir, tmp_path, cap
         err = capsys.readouterr().err
         assert code == 1 and err.startswith("openglm: error: ") and message in err and err.count("\n") == 1, err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_full_finetuning_with_expert_parallel_matches_one_process(tokenizer, tmp_path):
+    from openglm import Config, GLMForCausalLM, save_model
+    from openglm.train.finetune import FinetuneSettings, finetune
+
+    config = Config.from_name("glm-4.5-air-debug", num_layers=3, vocab_size=tokenizer.vocab_size,
+                              eos_token_id=[tokenizer.eos_id], pad_token_id=tokenizer.eos_id)
+    base = save_model(GLMForCausalLM.from_config(config, seed=0), tmp_path / "base", tokenizer=tokenizer)
+    colours = ["red", "blue", "green", "black"]
+    chats = [{"messages": [{"role": "user", "content": f"Say {c}."}, {"role": "assistant", "content": f"{c} {c}"}]}
+             for c in colours * 6]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    args = dict(steps=3, batch_size=4, seq_len=64, lr=3e-3, warmup=1, eval_every=0, save_every=0, log_every=1,
+                balance_rate=0.01)
+    finetune(FinetuneSettings(model=str(base), data=str(data), out=str(tmp_path / "single"), threads=1,
+                              progress=False, **args))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    done = torchrun(2, "-m", "openglm", "finetune", str(base), "--data", str(data), "-o", str(tmp_path / "ep"),
+                    *flags, "--expert-parallel", "2", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = records(tmp_path / "ep"), records(tmp_path / "single")
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert (g["loss"], g["grad_norm"]) == pytest.approx((w["loss"], w["grad_norm"]), rel=RTOL), (g, w)
+        assert g["moe_load"] == w["moe_load"]
+    ids = torch.arange(40).remainder(config.vocab_size)[None]
+    with torch.no_grad():
+        got_logits, want_logits = (openglm.load_model(tmp_path / r / "model")(ids) for r in ("ep", "single"))
+    assert got_logits.allclose(want_logits, rtol=1e-4, atol=1e-4)
