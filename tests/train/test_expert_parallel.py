@@ -124,6 +124,13 @@ def test_expert_parallel_training_matches_one_process_and_resumes(data_dir, sett
     ids = torch.arange(48).remainder(model.config.vocab_size)[None]
     with torch.no_grad():
         assert model(ids).allclose(openglm.load_model(single / "model")(ids), rtol=1e-4, atol=1e-4)
+    # A one-process checkpoint resumes with the experts sharded, and goes on as one process would.
+    mixed = tmp_path / "mixed"
+    pretrain(settings(mixed, config="glm-4.5-air-debug", overrides=["num_layers=3"], balance_rate=0.01, steps=4,
+                      lr=3e-3, warmup=2, eval_every=2, eval_tokens=256, stop_after=2))
+    done = torchrun(2, *train[:train.index("-o") + 1], str(mixed), *ARGS, "--expert-parallel", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r.get("loss") for r in records(mixed)] == pytest.approx([r.get("loss") for r in want], rel=RTOL)
 
 
 def test_expert_parallel_needs_a_moe_model_and_processes(data_dir, tmp_path, capsys):
