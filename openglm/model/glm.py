@@ -21,15 +21,13 @@ experts, k experts per token, I expert width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
 from ..config import Config
 from ..errors import OpenGLMError
+from ..kernels.attention import attention
 from .kv_cache import KVCache, LatentKVCache, StaticKVCache
 from .masks import padding_causal_mask
 
@@ -76,17 +74,6 @@ def apply_rotary(x: torch.Tensor, rotations: list[tuple[torch.Tensor, torch.Tens
     return torch.cat(out, dim=-1)
 
 
-def _decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
-    """Whether a one-query attention runs on our CPU kernel (float32 inference, bool ``[B|1, 1, 1, S]`` mask)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or q.stride(-1) != 1:
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return False
-    if isinstance(mask, torch.Tensor) and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)):
-        return False
-    return k.stride(-1) == 1 and v.stride(-1) == 1 and kernels.cpp_operators_available()
-
-
 class Attention(nn.Module):
     def __init__(self, config: Config, layer_idx: int):
         super().__init__()
@@ -118,12 +105,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rotations, self.rotary_interleaved), apply_rotary(k, rotations, self.rotary_interleaved)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        if T == 1 and mask is not True and _decode_kernel(q, k, v, mask):
-            y = kernels.decode_attention(q, k, v, mask if isinstance(mask, torch.Tensor) else None, self.head_dim ** -0.5)
-        elif isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        else:  # mask is a bool: causal or not (a single decode step sees every key)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask, enable_gqa=True)
+        y = attention(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -476,15 +458,12 @@ class GLMModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask, cache: KVCache | None,
-                between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask, cache: KVCache | None) -> torch.Tensor:
         """Final-norm hidden states ``[B, T, C]``, given explicit position ids and an already built mask.
 
         ``mask`` is a bool ``[B, 1, T, S]`` visibility tensor, or True/False for SDPA's causal flag.
         Unlike ``GLMForCausalLM.forward`` this never reads or advances ``cache.length``, so with a
         ``StaticKVCache`` every decode step has the same shapes and compiles to one graph.
-        ``between_layers()``, if given, is called after each layer (the serving engine runs other
-        forwards there).
         """
         cfg = self.config
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -496,8 +475,6 @@ class GLMModel(nn.Module):
                 x, chosen = layer(x, rotations, mask, cache, chosen)
             else:
                 x = layer(x, rotations, mask, cache)
-            if between_layers is not None:
-                between_layers()
         return self.norm(x)
 
 

@@ -41,10 +41,10 @@ def load_engine(args, directory, name: str, fail):
         if args.threads:
             torch.set_num_threads(args.threads)
         return Engine(load_model(directory, device=args.device), tokenizer, **engine_kw), tokenizer
-    from .engine_process import EngineProcess
+    from .engine.process import EngineProcess
 
     # An engine process that dies stops the server, for its supervisor to restart it.
-    return EngineProcess(str(directory), device=args.device, threads=args.threads,
+    return EngineProcess(str(directory), device=args.device, threads=args.threads, tokenizer=tokenizer,
                          on_exit=lambda message: fail(OpenGLMError(message)), **engine_kw), tokenizer
 
 

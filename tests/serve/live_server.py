@@ -68,7 +68,7 @@ def serving(checkpoint, db_url: str, *, max_batch_size: int = 4, max_seq_len: in
     _, secret = store.create_key(account.id, **key_limits)
     tokenizer = load_tokenizer(checkpoint)
     if engine_process:
-        from openglm.serve.engine_process import EngineProcess
+        from openglm.serve.engine.process import EngineProcess
 
         engine = EngineProcess(str(checkpoint), threads=1, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                max_queue=max_queue)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -13,8 +14,8 @@ from live_server import serving
 
 from openglm import OpenGLMError, SamplingParams, load_model, load_tokenizer
 from openglm.serve.engine_tasks import embed
-from openglm.serve.engine import Engine, EngineFull, EngineRequest, PromptTooLong
-from openglm.serve.engine_process import EngineProcess
+from openglm.serve.engine import Engine, EngineClient, EngineFull, EngineRequest, PromptTooLong
+from openglm.serve.engine.process import EngineProcess
 
 PROMPTS = ["The General", "通用语言模型通过自回归", "Numbers like 2022 and 130 appear too", "It"]
 
@@ -64,6 +65,31 @@ def test_same_tokens_text_and_counts_as_the_engine_in_this_process(remote, tiny_
         assert handle.queue_time >= 0 and handle.first_token_time >= handle.queue_time
     assert remote.num_running == 0 and remote.num_waiting == 0
 
+
+
+def test_stop_strings_end_the_text_in_the_server_process_and_the_request_in_the_engine(remote, tokenizer):
+    # The engine process sends token ids only; the server detokenizes, finds the stop string and
+    # has the engine abort the request, whose slot is then free.
+    ids = tokenizer.encode(PROMPTS[0])
+    greedy = SamplingParams(max_new_tokens=40, temperature=0)
+    whole = "".join(e.text for e in asyncio.run(run_all(remote, [EngineRequest(ids, greedy)]))[1][0][0])
+    stop = whole[len(whole) // 3 : len(whole) // 3 + 3]
+    assert stop.strip() and whole.find(stop) > 0
+    stopped = dataclasses.replace(greedy, stop_strings=[stop])
+    handles, [(events, finish)] = asyncio.run(run_all(remote, [EngineRequest(ids, stopped)]))
+    assert finish == "stop" == events[-1].finish_reason and handles[0].completion_tokens == len(events) < 40
+    assert "".join(e.text for e in events) == whole[: whole.find(stop)]
+    deadline = time.monotonic() + 30
+    while remote.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert remote.num_running == 0 and remote.free_slots == remote.max_batch_size
+
+
+def test_both_engines_are_engine_clients(remote, tiny_checkpoint, tokenizer):
+    assert isinstance(remote, EngineClient)
+    assert isinstance(Engine(load_model(tiny_checkpoint), tokenizer, max_seq_len=64), EngineClient)
+    assert (remote.max_batch_size, remote.max_queue, remote.max_seq_len, remote.vocab_size) == \
+        (3, 6, 128, tokenizer.vocab_size)
 
 
 def test_requests_with_the_same_request_id_stay_apart(remote, tokenizer):

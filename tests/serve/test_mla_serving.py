@@ -44,7 +44,7 @@ def test_requests_joining_mid_batch_match_single_generation(tokenizer, name, pac
 
     async def main():
         engine = Engine(model, tokenizer, max_batch_size=3, prefill_chunk=3, max_seq_len=128)
-        assert isinstance(engine._cache, SlotLatentKVCache)
+        assert isinstance(engine.core.runner.cache, SlotLatentKVCache)
         engine.start()
         try:
             handles, head = [], []
