@@ -9,7 +9,7 @@ import threading
 DEFAULT_MODEL = "glm-tiny-chat"
 
 
-def _examples(base: str, model: str, secret: str) -> str:
+def examples(base: str, model: str, secret: str) -> str:
     return (
         f"API key: {secret}\n"
         f"  curl {base}/v1/chat/completions -H 'Authorization: Bearer {secret}' "
@@ -49,6 +49,10 @@ def load_engine(args, directory, name: str, fail):
 
 
 def cmd_serve(args) -> int:
+    if args.upstream:
+        from .gateway import cmd_gateway
+
+        return cmd_gateway(args)
     import uvicorn
 
     from ..model.checkpoint import checkpoint_dir
@@ -85,7 +89,7 @@ def cmd_serve(args) -> int:
 
     base = f"http://{args.host}:{args.port}"
     if secret:
-        print(f"created the demo account with a starting balance\n{_examples(base, name, secret)}", flush=True)
+        print(f"created the demo account with a starting balance\n{examples(base, name, secret)}", flush=True)
     else:
         print("the database has accounts already; make a key with `openglm keys create`", flush=True)
     threading.Thread(target=load, name="openglm-load", daemon=True).start()
@@ -111,6 +115,13 @@ def register(sub) -> None:
                                    "it creates a demo account and prints its key.")
     p.add_argument("--model", default=None,
                    help=f"checkpoint directory or bundled name (default: {DEFAULT_MODEL})")
+    p.add_argument("--upstream", action="append", metavar="URL",
+                   help="serve as a gateway with no model of its own: forward generation to this OpenAI-compatible "
+                        "server (an `openglm worker`, llama-server, vLLM, SGLang); repeat for several, which share "
+                        "the load and stand in for each other; keys, limits and the ledger stay here")
+    p.add_argument("--upstream-key", default=None,
+                   help="bearer token sent to the upstreams (their --worker-key or --api-key; default: "
+                        "$OPENGLM_UPSTREAM_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

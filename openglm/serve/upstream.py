@@ -75,8 +75,9 @@ class Upstream:
 
 def _card_context(card: dict) -> int | None:
     """The context length a /v1/models card gives: vLLM's and our workers' ``max_model_len``, else
-    llama-server's ``meta.n_ctx_train``."""
-    n = card.get("max_model_len") or (card.get("meta") or {}).get("n_ctx_train")
+    llama-server's ``meta.n_ctx`` (a slot's) or ``meta.n_ctx_train``."""
+    meta = card.get("meta") or {}
+    n = card.get("max_model_len") or meta.get("n_ctx") or meta.get("n_ctx_train")
     return n if isinstance(n, int) and n > 0 else None
 
 
@@ -126,6 +127,13 @@ class UpstreamPool:
         self.timeout = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
         self.client: httpx.AsyncClient | None = None
         self._watcher: asyncio.Task | None = None
+
+    @property
+    def num_running(self) -> int:
+        """Requests of this gateway on its upstreams now (a metric's gauge)."""
+        return sum(u.in_flight for u in self.upstreams)
+
+    num_waiting = 0  # the gateway queues no request: an upstream does, or it answers 503
 
     async def start(self) -> None:
         # No limit on connections: the gateway's own limits (keys, the upstreams' queues) bound them.

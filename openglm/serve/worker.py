@@ -1,7 +1,7 @@
 """``openglm worker``: the engine alone behind the OpenAI routes, for a gateway (``openglm serve --upstream``).
 
 A worker has no accounts, limits or ledger: the gateway in front of it keeps those. It serves
-``/v1/completions`` and ``/v1/chat/completions`` (streamed or not, with ``usage``), ``/v1/models``
+``/v1/completions``, ``/v1/chat/completions`` (streamed or not, with ``usage``), ``/v1/embeddings``, ``/v1/models``
 and ``/health``, whose answer carries the engine's load (requests running and waiting, free batch
 slots) for the gateway's routing. With a worker key every route but ``/health`` needs it as a bearer.
 """
@@ -21,7 +21,7 @@ from .store import AuthError, KeyInfo, Reservation
 
 DEFAULT_PORT = 8001
 # The routes a worker keeps of the server's app: the OpenAI generation API and what a gateway asks.
-WORKER_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models/{model}", "/metrics"}
+WORKER_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models/{model}", "/metrics"}
 
 
 class Unmetered:

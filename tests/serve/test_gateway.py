@@ -257,3 +257,365 @@ def test_no_upstream_for_a_model_is_a_503(tiny_checkpoint):
         # a pool whose upstream rejects its key takes it out, saying why
         wrong = run_pool([a.url], lambda pool: asyncio.sleep(0, pool.upstreams[0]), key="wrong")
         assert not wrong.healthy and "401" in wrong.error and "--upstream-key" in wrong.error
+
+
+# ------------------------------------------------------------------------------------------------ the gateway
+
+ADMIN_KEY = "admin-secret"
+ZHIPU = "/api/paas/v4/chat/completions"
+
+
+def gateway_app(urls: list[str], store):
+    """``openglm serve --upstream``'s app over ``urls``, accounts in ``store``."""
+    from openglm.serve.gateway import create_gateway_app
+    from openglm.serve.upstream import UpstreamPool
+
+    return create_gateway_app(UpstreamPool(urls, WORKER_KEY, interval=0.2), store, admin_key=ADMIN_KEY)
+
+
+def new_key(store, balance: int = 10**9, **limits) -> tuple[int, str]:
+    account = store.create_account(f"acct-{time.monotonic_ns()}", balance)
+    return account.id, store.create_key(account.id, **limits)[1]
+
+
+def wait_settled(store, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while store.open_reservations():
+        assert time.monotonic() < deadline, "a reservation was left open"
+        time.sleep(0.05)
+
+
+def test_gateway_answers_and_bills_like_the_embedded_server(tiny_checkpoint, tmp_path):
+    from openai import NotFoundError, OpenAI, RateLimitError
+    from openglm.serve.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store.set_price("tiny", 1_000_000, 2_000_000)
+    account, secret = new_key(store)
+    with LiveServer(worker_app(tiny_checkpoint)) as a, LiveServer(worker_app(tiny_checkpoint)) as b, \
+            LiveServer(gateway_app([a.url, b.url], store)) as gw:
+        assert httpx.get(gw.url + "/health").json() | {"upstreams": 2, "upstreams_out": 0} == \
+            httpx.get(gw.url + "/health").json()
+        client = OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        direct = OpenAI(base_url=a.url + "/v1", api_key=WORKER_KEY).chat.completions.create(**chat_body(False))
+        whole = client.chat.completions.create(**chat_body(False))
+        assert whole.choices[0].message.content == direct.choices[0].message.content
+        assert whole.usage == direct.usage and whole.model == "tiny" and whole.id.startswith("chatcmpl-")
+        chunks = list(client.chat.completions.create(**chat_body(True)))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            direct.choices[0].message.content
+        assert chunks[-1].usage == direct.usage and len({c.id for c in chunks}) == 1
+        unasked = list(client.chat.completions.create(**{**chat_body(True), "stream_options": None}))
+        assert all(c.usage is None for c in unasked)  # asked upstream for the bill, not passed on
+        text = client.completions.create(model="tiny", prompt="The General", max_tokens=5, temperature=0)
+        assert text.usage.completion_tokens == 5
+        vectors = client.embeddings.create(model="tiny", input=["The General", "Language"])
+        assert len(vectors.data) == 2 and vectors.usage.prompt_tokens > 0
+        with pytest.raises(NotFoundError):
+            client.chat.completions.create(**{**chat_body(False), "model": "nope"})
+        # Zhipu's route: its errors, request_id billed once
+        zhipu = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                 "do_sample": False, "request_id": "zhipu-once"}
+        headers = {"authorization": f"Bearer {secret}"}
+        first = httpx.post(gw.url + ZHIPU, json=zhipu, headers=headers, timeout=30)
+        assert first.status_code == 200 and first.json()["request_id"] == "zhipu-once"
+        again = httpx.post(gw.url + ZHIPU, json=zhipu, headers=headers, timeout=30)
+        assert again.status_code == 400 and again.json()["error"]["code"] == "1231"
+        unknown = httpx.post(gw.url + ZHIPU, json={**zhipu, "model": "nope", "request_id": "zhipu-unknown-model"}, headers=headers)
+        assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "1211"
+        # no balance: 429 insufficient_quota before anything reaches an upstream
+        _, poor = new_key(store, balance=0)
+        with pytest.raises(RateLimitError) as refused:
+            OpenAI(base_url=gw.url + "/v1", api_key=poor, max_retries=0).chat.completions.create(**chat_body(False))
+        assert refused.value.code == "insufficient_quota"
+        upstreams = httpx.get(gw.url + "/admin/upstreams", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert sum(u["requests"] for u in upstreams["data"]) == 6 and all(u["healthy"] for u in upstreams["data"])
+        wait_settled(store)
+        totals = store.ledger_totals(account)
+        billed = [whole.usage, chunks[-1].usage, text.usage, first.json()["usage"]]
+        completion = sum(u["completion_tokens"] if isinstance(u, dict) else u.completion_tokens for u in billed)
+        assert totals["requests"] == 6  # the four above, the unasked-usage stream and the embeddings
+        assert totals["completion_tokens"] == completion + 8  # + the unasked-usage stream's 8
+    store.close()
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+
+class Process:
+    """An ``openglm`` command in a subprocess on ``port`` (a free one by default), until healthy."""
+
+    def __init__(self, *args: str, port: int | None = None):
+        import os
+        import subprocess
+        import sys
+
+        from live_server import free_port
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "openglm", *args, "--port", str(self.port),
+                                      "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def wait_healthy(self, timeout: float = 90) -> Process:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the process exited: {self.proc.stdout.read()}"
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{self.url} did not become healthy")
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.kill()
+
+
+def worker_process(checkpoint, port: int | None = None) -> Process:
+    # An engine in the worker's process: a kill -9 then leaves no orphan engine process behind.
+    return Process("worker", "--model", str(checkpoint), "--served-model-name", "tiny", "--worker-key", WORKER_KEY,
+                   "--threads", "1", "--max-batch-size", "8", "--max-seq-len", "256", "--engine-in-process",
+                   port=port)
+
+
+async def one_client(client, i: int, events: dict) -> tuple[str, dict | None]:
+    """("ok" or "error: ...", the usage the client received) of one request; every fourth one whole."""
+    from openai import APIError
+
+    body = {**chat_body(i % 4 != 0, 64), "messages": [{"role": "user", "content": f"request {i}: tell me more"}]}
+    usage = None
+    try:
+        if not body.get("stream"):
+            answer = await client.chat.completions.create(**body)
+            return "ok", answer.usage.model_dump()
+        async for chunk in await client.chat.completions.create(**body):
+            if chunk.usage is not None:
+                usage = chunk.usage.model_dump()
+            elif chunk.choices and chunk.choices[0].delta.content:
+                events["streaming"] += 1
+                if events["streaming"] == events["kill_at"]:
+                    events["kill"]()
+        return "ok", usage
+    except APIError as e:  # a clean error: an error status, or an error event after the usage billed
+        return f"error: {type(e).__name__}: {e.message}", usage
+
+
+@pytest.mark.slow
+def test_gateway_over_two_workers_survives_a_kill_9_mid_load(tiny_checkpoint, tmp_path):
+    from openai import AsyncOpenAI
+    from openglm.serve.store import Store
+
+    db = f"sqlite:///{tmp_path / 'gw.db'}"
+    store = Store(db)
+    store.set_price("tiny", 1_000_000, 2_000_000)
+    account, secret = new_key(store)
+    a, b = worker_process(tiny_checkpoint), worker_process(tiny_checkpoint)
+    gateway = None
+    try:
+        a.wait_healthy(), b.wait_healthy()
+        gateway = Process("serve", "--upstream", a.url, "--upstream", b.url, "--upstream-key", WORKER_KEY,
+                          "--db", db, "--admin-key", ADMIN_KEY).wait_healthy()
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+        def upstreams() -> dict:
+            return {u["url"]: u for u in httpx.get(gateway.url + "/admin/upstreams", headers=admin).json()["data"]}
+
+        async def load(n: int, kill=None) -> list[tuple[str, dict | None]]:
+            events = {"streaming": 0, "kill_at": 40 if kill else -1, "kill": kill}
+            async with AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0, timeout=60) as c:
+                return await asyncio.gather(*(one_client(c, i, events) for i in range(n)))
+
+        during = asyncio.run(load(32, kill=a.kill))
+        assert a.proc.poll() is not None, "worker a was never killed: the load ended before 40 tokens streamed"
+        errors = [outcome for outcome, _ in during if outcome != "ok"]
+        # Streams that were sending on worker a when it died end with an error event; every other
+        # request (whole ones, streams that had sent nothing yet) was retried on worker b.
+        assert errors and all("upstream failed mid-stream" in e for e in errors), errors
+        assert len(errors) < 32
+        after = asyncio.run(load(16))
+        assert [outcome for outcome, _ in after] == ["ok"] * 16  # all on the survivor
+        assert not upstreams()[a.url]["healthy"]
+        wait_settled(store)
+        received = [usage for _, usage in during + after if usage is not None]
+        assert len(received) == 48  # cut streams too got the usage billed before their error event
+        totals = store.ledger_totals(account)
+        assert totals["requests"] == 48
+        assert totals["completion_tokens"] == sum(u["completion_tokens"] for u in received)
+        assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in received)
+
+        a = worker_process(tiny_checkpoint, port=a.port).wait_healthy()  # back, at the same address
+        deadline = time.monotonic() + 10
+        while not upstreams()[a.url]["healthy"]:
+            assert time.monotonic() < deadline, "the worker that came back was never taken back in"
+            time.sleep(0.1)
+        before = upstreams()[a.url]["requests"]
+        assert [outcome for outcome, _ in asyncio.run(load(8))] == ["ok"] * 8
+        assert upstreams()[a.url]["requests"] > before  # used again
+    finally:
+        for process in (gateway, a, b):
+            if process is not None:
+                process.stop()
+        store.close()
+
+
+def test_two_gateways_on_one_postgresql_keep_one_ledger_and_one_set_of_limits(tiny_checkpoint, postgres_server):
+    from openai import AsyncOpenAI, RateLimitError
+    from openglm.serve.store import Store
+
+    url = postgres_server.new_database()
+    stores = [Store(url), Store(url)]
+    stores[0].set_price("tiny", 1_000_000, 2_000_000)
+    balance = 10**7
+    account, secret = new_key(stores[0], balance=balance, max_concurrency=3)
+    with LiveServer(worker_app(tiny_checkpoint)) as a, LiveServer(worker_app(tiny_checkpoint)) as b, \
+            LiveServer(gateway_app([a.url, b.url], stores[0])) as g1, \
+            LiveServer(gateway_app([b.url, a.url], stores[1])) as g2:
+
+        async def one(url: str, i: int):
+            async with AsyncOpenAI(base_url=url + "/v1", api_key=secret, max_retries=0, timeout=60) as client:
+                try:
+                    chunks = [c async for c in await client.chat.completions.create(**chat_body(True, 32))]
+                except RateLimitError as e:
+                    return e.code
+                return chunks[-1].usage
+
+        async def scenario():
+            return await asyncio.gather(*(one((g1, g2)[i % 2].url, i) for i in range(12)))
+
+        outcomes = asyncio.run(scenario())
+        usages = [o for o in outcomes if not isinstance(o, str)]
+        # the key's three concurrent requests hold across both gateways: 12 at once cannot all run
+        assert usages and "rate_limit_exceeded" in outcomes
+        assert set(o for o in outcomes if isinstance(o, str)) == {"rate_limit_exceeded"}
+        wait_settled(stores[1])
+        totals = stores[1].ledger_totals(account)
+        assert totals["requests"] == len(usages)
+        assert totals["completion_tokens"] == sum(u.completion_tokens for u in usages) == 32 * len(usages)
+        cost = sum(-(-(u.prompt_tokens * 1_000_000 + u.completion_tokens * 2_000_000) // 1_000_000) for u in usages)
+        acct = stores[0].get_account(account)
+        assert acct.reserved == 0 and acct.balance == balance - cost
+    for store in stores:
+        store.close()
+
+
+def llama_server() -> str | None:
+    """llama.cpp's ``llama-server``: in ``$LLAMA_CPP_BIN`` (a folder), on PATH, or built in the cache
+    (``python bench/llama_cpp_tools.py`` builds it there)."""
+    import glob
+    import os
+    import shutil
+    from pathlib import Path
+
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    if folder and os.access(Path(folder) / "llama-server", os.X_OK):
+        return str(Path(folder) / "llama-server")
+    if found := shutil.which("llama-server"):
+        return found
+    cache = Path(os.environ.get("OPENGLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "openglm")
+    built = sorted(glob.glob(str(cache / "llama-cpp" / "src-*" / "build" / "bin" / "llama-server")))
+    return built[-1] if built else None
+
+
+@pytest.mark.slow
+def test_gateway_over_a_worker_and_a_llama_server(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from live_server import free_port
+    from openai import AsyncOpenAI
+    from openglm.serve.store import Store
+
+    binary = llama_server()
+    if binary is None:
+        pytest.skip("no llama-server: set $LLAMA_CPP_BIN to a folder holding llama.cpp's tools, or build them "
+                    "with `python bench/llama_cpp_tools.py` (CI does not build llama.cpp)")
+    gguf = tmp_path / "tiny.gguf"
+    subprocess.run([sys.executable, "-m", "openglm", "convert", str(tiny_checkpoint), "--to", "gguf", "--gguf-type",
+                    "f32", "-o", str(gguf)], check=True, capture_output=True)
+    port = free_port()
+    llama = subprocess.Popen([binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", "tiny",
+                              "-t", "1", "-np", "4", "-c", "1024", "--api-key", WORKER_KEY],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store.set_price("tiny", 1_000_000, 2_000_000)
+    account, secret = new_key(store)
+    llama_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert llama.poll() is None and time.monotonic() < deadline, "llama-server did not start"
+            try:
+                if httpx.get(llama_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        with LiveServer(worker_app(tiny_checkpoint)) as worker, \
+                LiveServer(gateway_app([llama_url, worker.url], store)) as gw:
+
+            async def one(client, i: int):
+                if i % 3 == 0:
+                    answer = await client.completions.create(model="tiny", prompt=f"The General {i}", max_tokens=16,
+                                                             temperature=0)
+                    return answer.choices[0].text, answer.usage
+                if i % 3 == 1:
+                    answer = await client.chat.completions.create(**chat_body(False, 16))
+                    return answer.choices[0].message.content, answer.usage
+                chunks = [c async for c in await client.chat.completions.create(**chat_body(True, 16))]
+                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+            async def scenario():
+                async with AsyncOpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=60) as c:
+                    return await asyncio.gather(*(one(c, i) for i in range(12)))
+
+            results = asyncio.run(scenario())
+            served = {u["url"]: u["requests"] for u in httpx.get(
+                gw.url + "/admin/upstreams", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]}
+        assert served[llama_url] > 0 and served[worker.url] > 0 and sum(served.values()) == 12
+        assert all(text and usage.completion_tokens == 16 for text, usage in results)
+        wait_settled(store)
+        totals = store.ledger_totals(account)
+        assert totals["requests"] == 12
+        assert totals["completion_tokens"] == 12 * 16
+        assert totals["prompt_tokens"] == sum(usage.prompt_tokens for _, usage in results)
+    finally:
+        llama.terminate()
+        llama.wait(30)
+        store.close()
+
+
+def test_gateway_bills_a_cut_stream_for_what_its_client_received(tmp_path):
+    from openai import APIError, OpenAI
+    from openglm.serve.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    account, secret = new_key(store)
+    with PortServer(broken_upstream(3)) as bad, LiveServer(gateway_app([bad.url], store)) as gw:
+        got = []
+        with pytest.raises(APIError, match="upstream failed mid-stream"):
+            for chunk in OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0).chat.completions.create(
+                    **chat_body(True)):
+                got.append(chunk)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "t0 t1 t2 "
+    usage = got[-1].usage  # sent before the error event: what the request is billed
+    assert usage.completion_tokens == 3  # no usage upstream, no tokenizer here for "tiny": a token per chunk
+    wait_settled(store)
+    totals = store.ledger_totals(account)
+    assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == \
+        (1, usage.prompt_tokens, 3)
+    store.close()

@@ -16,8 +16,8 @@ _STREAMED = {200: {"content": {"text/event-stream": {}}}}
 @router.get("/v1/models", response_model=S.ModelList)
 async def list_models(svc: Svc, key: Key):
     """The models this key may use."""
-    allowed = [S.ModelCard(id=svc.model_name, created=svc.created)] if key.allows(svc.model_name) else []
-    return S.ModelList(data=allowed)
+    return S.ModelList(data=[S.ModelCard(id=name, created=svc.created)
+                             for name in svc.generations.model_names() if key.allows(name)])
 
 
 @router.get("/v1/models/{model}", response_model=S.ModelCard)
@@ -26,7 +26,7 @@ async def get_model(model: str, svc: Svc, key: Key):
     if not key.allows(model):  # as OpenAI answers: what a key may not use, it does not see
         raise APIError(404, f"the model {model!r} does not exist or this key may not use it",
                        code="model_not_found", param="model")
-    return S.ModelCard(id=svc.model_name, created=svc.created)
+    return S.ModelCard(id=model, created=svc.created)
 
 
 @router.post("/v1/chat/completions", response_model=S.ChatCompletion, responses=_STREAMED)

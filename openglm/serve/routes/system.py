@@ -18,8 +18,7 @@ router = APIRouter()
 @router.get("/health", responses={503: {"model": S.ErrorResponse}})
 async def health(svc: Svc):
     """200 once the model is loaded and the engine runs; 503 while it loads or if its engine stopped."""
-    svc.generations.ready()
-    return {"status": "ok", "model": svc.model_name}
+    return svc.generations.health()
 
 
 @router.get("/metrics", include_in_schema=False)

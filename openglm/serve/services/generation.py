@@ -146,6 +146,14 @@ class Generations:
     def ready(self) -> None:
         self.backend.ready()
 
+    def health(self) -> dict:
+        """``/health``'s answer; 503 (``APIError``) unless requests can run now."""
+        self.backend.ready()
+        return {"status": "ok", "model": self.model_name}
+
+    def model_names(self) -> list[str]:
+        return [self.model_name]
+
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
