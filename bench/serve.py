@@ -2,6 +2,7 @@
 
     python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 8]
                           [--min-requests 32] [--server-args "--engine-in-process"]
+    python bench/serve.py --upstreams N [--model glm-tiny] [--concurrency 1,4,16] ...
 
 Starts two ``openglm serve`` processes on free ports, each on a fresh SQLite database (its demo key):
 one with continuous batching (``--max-batch-size 16``) and one limited to one request at a time
@@ -12,6 +13,12 @@ time to first token (TTFT), time per output token TPOT = (latency - TTFT) / (out
 inter-token latency (ITL, between consecutive streamed chunks: a token that completes no printable
 text, such as half a UTF-8 character, joins the next), p50 and p99. Goals: >= 4x output-token throughput at concurrency 16, and TTFT
 p50 at concurrency 16 under 2x its value at concurrency 1 (with continuous batching).
+
+With ``--upstreams N`` it measures the gateway instead: one ``openglm serve --upstream ...`` over N
+``openglm worker`` processes (each with ``--threads``/N torch threads) against one ``openglm serve``
+(``--threads``), at each concurrency; then the gateway's added time to first token: requests at
+concurrency 1, alternately straight to a worker and through the gateway (same worker, key checks,
+reservation and settlement in SQLite), p50 of each and of the pairs' differences (goal < 1 ms p50).
 """
 
 from __future__ import annotations
@@ -165,8 +172,14 @@ def main() -> None:
                     help="torch threads of the server (default: all CPUs but one, which the clients use)")
     ap.add_argument("--server-args", default="", help="more `openglm serve` flags for both servers, e.g. "
                     "'--engine-in-process' or '--preempt-tokens 0'")
+    ap.add_argument("--upstreams", type=int, default=0,
+                    help="measure a gateway over this many `openglm worker`s against one `openglm serve`, and "
+                         "the gateway's added time to first token")
+    ap.add_argument("--ttft-pairs", type=int, default=100, help="requests each way for the added TTFT (--upstreams)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.upstreams:
+        return bench_gateway(args, levels)
 
     rows = {}
     with tempfile.TemporaryDirectory() as workdir:
@@ -199,6 +212,100 @@ def main() -> None:
         ratio = rows["batched", top]["ttft50"] / rows["batched", low]["ttft50"]
         print(f"\noutput-token throughput at concurrency {top}, batched / one at a time: {speedup:.2f}x (goal >= 4x)")
         print(f"batched TTFT p50 at concurrency {top} / at {low}: {ratio:.2f}x (goal < 2x)")
+
+
+# ---------------------------------------------------------------------------------------- --upstreams N
+
+class Process:
+    """An ``openglm`` command in a subprocess on a free port, healthy; ``key``: the API key it printed, if any."""
+
+    def __init__(self, *args: str, expect_key: bool = False):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "openglm", *args, "--port", str(self.port),
+                                      "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.key = None
+        if expect_key:
+            for line in self.proc.stdout:
+                if m := re.match(r"API key: (\S+)", line):
+                    self.key = m.group(1)
+                    break
+            if self.key is None:
+                raise SystemExit(f"openglm {args[0]} printed no API key (exit code {self.proc.wait()})")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"openglm {args[0]} did not become healthy")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def added_ttft(direct: str, gateway: str, key: str, pairs: int) -> tuple[list[float], list[float]]:
+    """TTFTs of ``pairs`` requests straight to a worker and as many through the gateway, alternating."""
+    times = ([], [])
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(pairs):
+            for way, (url, secret) in enumerate(((direct, "none"), (gateway, key))):
+                client.headers["authorization"] = f"Bearer {secret}"
+                times[way].append((await one_request(client, url, PROMPTS[i % len(PROMPTS)], 2, i)).ttft)
+    return times
+
+
+def bench_gateway(args, levels: list[int]) -> None:
+    n, rows = args.upstreams, {}
+    worker_threads = max(1, args.threads // n)
+    workers, servers = [], {}
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            for _ in range(n):
+                workers.append(Process("worker", "--model", args.model, "--served-model-name", "bench",
+                                       "--threads", str(worker_threads), "--max-batch-size", str(args.batch_size),
+                                       *args.server_args.split()))
+            upstreams = [a for w in workers for a in ("--upstream", w.url)]
+            servers[f"gateway/{n}"] = Process("serve", *upstreams, "--db", f"sqlite:///{workdir}/gateway.db",
+                                              expect_key=True)
+            servers["serve"] = Process("serve", "--model", args.model, "--served-model-name", "bench", "--db",
+                                       f"sqlite:///{workdir}/serve.db", "--threads", str(args.threads),
+                                       "--max-batch-size", str(args.batch_size), *args.server_args.split(),
+                                       expect_key=True)
+            for label, server in servers.items():
+                asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
+                for c in levels:
+                    count = max(c * args.prompts_per_client, args.min_requests)
+                    results, wall = asyncio.run(run_level(server.url, server.key, c, count, args.max_tokens,
+                                                          args.request_rate))
+                    rows[label, c] = r = summarize(results, wall)
+                    print(f"{label:>10} c={c:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1000:7.1f} ms",
+                          file=sys.stderr, flush=True)
+            servers.pop("serve").stop()  # the added TTFT is measured with only the workers and the gateway up
+            gateway = servers[f"gateway/{n}"]
+            direct, through = asyncio.run(added_ttft(workers[0].url, gateway.url, gateway.key, args.ttft_pairs))
+        finally:
+            for process in [*servers.values(), *workers]:
+                process.stop()
+
+    print(f"\nmodel {args.model}, {args.max_tokens} max tokens, {os.cpu_count()} CPUs; gateway over {n} workers "
+          f"of {worker_threads} torch threads each, serve on {args.threads}; max batch {args.batch_size}; times in ms")
+    print(f"{'server':>10} {'conc':>4} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8}")
+    for (label, c), r in rows.items():
+        print(f"{label:>10} {c:>4} {r['req_s']:6.2f} {r['tok_s']:9.1f} {r['ttft50'] * 1e3:8.1f} {r['ttft99'] * 1e3:7.1f} "
+              f"{r['tpot50'] * 1e3:8.1f}")
+    for c in levels:
+        ratio = rows[f"gateway/{n}", c]["tok_s"] / rows["serve", c]["tok_s"]
+        print(f"output tokens/s at concurrency {c}, gateway over {n} workers / one serve: {ratio:.2f}x")
+    diffs = [b - a for a, b in zip(direct, through)]
+    print(f"TTFT p50 over {len(direct)} requests each, concurrency 1: straight to a worker {pct(direct, 50) * 1e3:.2f} ms, "
+          f"through the gateway {pct(through, 50) * 1e3:.2f} ms; added p50 {pct(diffs, 50) * 1e3:.2f} ms "
+          f"(p90 {pct(diffs, 90) * 1e3:.2f} ms; goal < 1 ms)")
 
 
 if __name__ == "__main__":
