@@ -10,8 +10,9 @@ objective: from random weights (--config: a named config such as glm-tiny, a con
 checkpoint directory; --set key=value changes fields), or continued from existing weights (--init: a
 bundled name, a run directory or any Hugging Face GLM checkpoint). Writes RUN_DIR/metrics.jsonl,
 RUN_DIR/checkpoint/ (continue with --resume; Ctrl-C saves one and stops) and RUN_DIR/model/ (Hugging
-Face layout, loadable with openglm.load_model). Under torchrun the same command trains data-parallel (--parallel ddp|fsdp);
---batch-size is then the global number of rows per micro-batch."""
+Face layout, loadable with openglm.load_model). Under torchrun the same command trains data-parallel (--parallel ddp|fsdp),
+and a MoE model can shard its experts over the processes (--expert-parallel N); --batch-size is then the global
+number of rows per micro-batch."""
 
 
 def settings_option(parser, defaults):
