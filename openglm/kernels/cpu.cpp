@@ -366,6 +366,109 @@ void for_each_block(int64_t count, const int64_t* N, int64_t M, Body body) {
     }
 }
 
+// INT4 products with many activation rows (a prefill): x is quantized to int8 per (row, group)
+// as llama.cpp's q8_0 does, and each weight nibble (0..15, unsigned) meets it in an integer dot
+// product (VNNI's vpdpbusd: 64 byte products per instruction, four times the float multiply-adds
+// of a float product). A tile of kTileRows weight rows is unpacked once into the order the dot
+// product reads (4 consecutive columns of 16 or 8 rows side by side) and reused over every row of
+// x; the group's sum turns float once, scaled by scale_g * dx[m, g], the zero point coming off as
+// zero_g * (sum of x's integers in the group).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kLanes = 16;
+using VecI = __m512i;
+using VecF = __m512;
+inline VecI vi_zero() { return _mm512_setzero_si512(); }
+inline VecI vi_load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline VecI vi_bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+inline VecI dot_u8s8(VecI acc, VecI w, VecI x) { return _mm512_dpbusd_epi32(acc, w, x); }
+inline VecF vf_zero() { return _mm512_setzero_ps(); }
+inline VecF vf_load(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vf_set(float v) { return _mm512_set1_ps(v); }
+inline VecF vf_cvt(VecI v) { return _mm512_cvtepi32_ps(v); }
+inline VecF vf_mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF vf_fmadd(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vf_fnmadd(VecF a, VecF b, VecF c) { return _mm512_fnmadd_ps(a, b, c); }
+inline void vf_store(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+#define OPENGLM_Q4_BLOCKED 1
+#elif defined(OPENGLM_AVX2)
+constexpr int kLanes = 8;
+using VecI = __m256i;
+using VecF = __m256;
+inline VecI vi_zero() { return _mm256_setzero_si256(); }
+inline VecI vi_load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VecI vi_bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+inline VecI dot_u8s8(VecI acc, VecI w, VecI x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, w, x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, w, x);
+#else  // pairs of products into int16 (at most 2 * 15 * 127: never saturates), then pairs of those
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+inline VecF vf_zero() { return _mm256_setzero_ps(); }
+inline VecF vf_load(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vf_set(float v) { return _mm256_set1_ps(v); }
+inline VecF vf_cvt(VecI v) { return _mm256_cvtepi32_ps(v); }
+inline VecF vf_mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF vf_fmadd(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vf_fnmadd(VecF a, VecF b, VecF c) { return _mm256_fnmadd_ps(a, b, c); }
+inline void vf_store(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+#define OPENGLM_Q4_BLOCKED 1
+#endif
+
+#ifdef OPENGLM_Q4_BLOCKED
+constexpr int kTileVecs = 2;                     // vectors of weight rows per tile
+constexpr int kTileRows = kTileVecs * kLanes;    // weight rows unpacked at a time
+constexpr int kRowBlock = 6;                     // rows of x per pass over the tile
+constexpr int64_t kChunkBytes = 16 << 10;        // of the unpacked tile per pass: it stays in L1
+
+// y[m0 + m, n0 : n0 + kTileRows] for MB rows of x over groups g0..g1 of one unpacked tile: wp
+// [K/4][kTileRows][4] nibbles, sp / zp [G][kTileRows] scales and zero points; xq [M, K] int8, dx /
+// xs [M, G] its scales and sums. Writes kTileRows floats per row to out (ldo apart), adding to
+// what is there unless g0 is 0.
+template <int MB>
+inline void tile_q4(const int8_t* xq, const float* dx, const float* xs, int64_t K, int64_t G, int64_t g0, int64_t g1,
+                    const uint8_t* wp, const float* sp, const float* zp, float* out, int64_t ldo) {
+    const int64_t steps = K / G / 4;  // dot products of 4 columns per group
+    VecF acc[MB][kTileVecs];
+    for (int m = 0; m < MB; ++m)
+        for (int v = 0; v < kTileVecs; ++v) acc[m][v] = g0 ? vf_load(out + m * ldo + v * kLanes) : vf_zero();
+    for (int64_t g = g0; g < g1; ++g) {
+        VecI ia[MB][kTileVecs];
+        for (int m = 0; m < MB; ++m)
+            for (int v = 0; v < kTileVecs; ++v) ia[m][v] = vi_zero();
+        const uint8_t* wg = wp + g * steps * kTileRows * 4;
+        const int8_t* xg = xq + g * steps * 4;
+        for (int64_t s = 0; s < steps; ++s) {
+            VecI wv[kTileVecs];
+            for (int v = 0; v < kTileVecs; ++v) wv[v] = vi_load(wg + (s * kTileRows + v * kLanes) * 4);
+            for (int m = 0; m < MB; ++m) {
+                const VecI xb = vi_bcast4(xg + m * K + 4 * s);
+                for (int v = 0; v < kTileVecs; ++v) ia[m][v] = dot_u8s8(ia[m][v], wv[v], xb);
+            }
+        }
+        for (int v = 0; v < kTileVecs; ++v) {
+            const VecF s = vf_load(sp + g * kTileRows + v * kLanes), z = vf_load(zp + g * kTileRows + v * kLanes);
+            for (int m = 0; m < MB; ++m) {
+                const VecF t = vf_fnmadd(z, vf_set(xs[m * G + g]), vf_cvt(ia[m][v]));  // exact: |sums| < 2^24
+                acc[m][v] = vf_fmadd(t, vf_mul(s, vf_set(dx[m * G + g])), acc[m][v]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int v = 0; v < kTileVecs; ++v) vf_store(out + m * ldo + v * kLanes, acc[m][v]);
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -468,6 +571,93 @@ void openglm_q4_dequant(const uint8_t* w, const uint16_t* scale, const uint8_t* 
             }
         }
     }
+}
+
+// y[M, N] = x[M, K] @ W^T for the INT4 weight of openglm_q4_matmul, with x taken to int8 per (row,
+// group): for products with many rows of x (a prefill), where arithmetic, not reading the weight,
+// bounds the time. y differs from the float product of the dequantized weight by at most
+// sum_k |w[n, k]| * dx[m, g(k)] / 2, dx = (the group's largest |x|) / 127, plus float rounding.
+void openglm_q4_prefill_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
+                               const uint8_t* zero, int64_t G, int64_t N, float* y) {
+    const int64_t gs = K / G, K2 = K / 2;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> dx(M * G), xs(M * G);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            const float* xg = x + m * K + g * gs;
+            float amax = 0.f;
+            for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
+            const float d = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / d;
+            int8_t* q = xq.data() + m * K + g * gs;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < gs; ++k) {
+                q[k] = int8_t(std::clamp<long>(std::lrintf(xg[k] * inv), -127, 127));
+                sum += q[k];
+            }
+            dx[m * G + g] = d;
+            xs[m * G + g] = float(sum);
+        }
+#ifdef OPENGLM_Q4_BLOCKED
+    const int64_t tiles = (N + kTileRows - 1) / kTileRows, chunk = std::max<int64_t>(1, kChunkBytes / (gs * kTileRows));
+    const int64_t rows_last = N % kTileRows ? M : 0;
+#pragma omp parallel
+    {
+        std::vector<uint8_t> wp(K * kTileRows);
+        std::vector<float> sp(G * kTileRows), zp(G * kTileRows), part(rows_last * kTileRows);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t n0 = t * kTileRows, rows = std::min<int64_t>(kTileRows, N - n0);
+            for (int64_t r = 0; r < kTileRows; ++r) {  // rows past N: zeros, computed and dropped
+                for (int64_t j = 0; j < K2; j += 2) {
+                    uint8_t* o = wp.data() + ((j / 2) * kTileRows + r) * 4;
+                    const uint8_t b0 = r < rows ? w[(n0 + r) * K2 + j] : 0, b1 = r < rows ? w[(n0 + r) * K2 + j + 1] : 0;
+                    o[0] = b0 & 15, o[1] = b0 >> 4, o[2] = b1 & 15, o[3] = b1 >> 4;
+                }
+                for (int64_t g = 0; g < G; ++g) {
+                    sp[g * kTileRows + r] = r < rows ? bf16(scale[(n0 + r) * G + g]) : 0.f;
+                    zp[g * kTileRows + r] = r >= rows ? 0.f : zero ? float(zero[(n0 + r) * G + g]) : 8.f;
+                }
+            }
+            const bool whole = rows == kTileRows;
+            float* base = whole ? y + n0 : part.data();  // a last partial tile: all of x's rows aside, then copied
+            const int64_t ldo = whole ? N : kTileRows;
+            for (int64_t g0 = 0; g0 < G; g0 += chunk)
+                for (int64_t m = 0; m < M; m += kRowBlock) {
+                    const int64_t g1 = std::min(G, g0 + chunk);
+                    const int8_t* xm = xq.data() + m * K;
+                    const float *dm = dx.data() + m * G, *sm = xs.data() + m * G;
+                    float* out = base + m * ldo;
+                    switch (std::min<int64_t>(kRowBlock, M - m)) {
+                        case 1: tile_q4<1>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 2: tile_q4<2>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 3: tile_q4<3>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 4: tile_q4<4>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 5: tile_q4<5>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        default: tile_q4<6>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                    }
+                }
+            if (!whole)
+                for (int64_t m = 0; m < M; ++m) std::copy_n(part.data() + m * kTileRows, rows, y + m * N + n0);
+        }
+    }
+#else
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; ++g) {
+                const int z = zero ? zero[n * G + g] : 8;
+                int32_t s = 0;
+                for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+                    const uint8_t b = w[n * K2 + k / 2];
+                    s += ((k % 2 ? b >> 4 : b & 15) - z) * xq[m * K + k];
+                }
+                total += float(s) * bf16(scale[n * G + g]) * dx[m * G + g];
+            }
+            y[m * N + n] = total;
+        }
+#endif
 }
 
 // Attention of one query per (sequence, head) over S cached keys: out[b, h] = softmax(scale * q.K^T) V

@@ -171,7 +171,9 @@ class QuantLinear(nn.Module):
         if self.use_kernels:
             x2 = x.reshape(-1, self.in_features)  # (B*T, K)
             zero = getattr(self, "weight_zero", None)
-            if x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling():  # prefill: float products
+            if x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling() and self.bits == 4:  # prefill
+                y = kernels.int4_prefill_matmul(x2, self.weight, self.weight_scale, zero)
+            elif x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling():  # prefill: float products
                 y = kernels.dequant_matmul(x2.float().contiguous(), self.bits, self.weight, self.weight_scale, zero,
                                            self.in_features)
             elif self.bits == 8:

@@ -63,19 +63,57 @@ def test_int4_any_rows_groups_and_zero_points(M, group, symmetric, isa):
     _close(kernels.int4_matmul(x, q, scale, zero), expected, 1e-4)  # x at int16 precision per group
 
 
+def _int8_rounding_bound(x, w, group):
+    """The most ``x`` rounded to int8 per (row, group) can move ``x @ w.T``: half a step times sum |w| per group."""
+    M, K = x.shape
+    step = x.view(M, K // group, group).abs().amax(-1) / 127  # (M, G)
+    return step @ w.abs().view(w.shape[0], K // group, group).sum(-1).t() / 2  # (M, N)
+
+
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 48])
+@pytest.mark.parametrize("N", [40, 64, 97])  # rows off the tiles of 16 and 32, and whole ones
+@pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True), (32, False)])
+def test_int4_prefill_within_the_int8_rounding_of_x(M, N, group, symmetric, isa):
+    K = 1024 if group == 32 else 384  # 1024 / 32 = 32 groups: the tile is taken in more than one pass
+    g = torch.Generator().manual_seed(M * 1000 + N + group)
+    w = torch.randn(N, K, generator=g) + (0 if symmetric else 0.7)
+    q, scale, zero = quantize_int4(w, group, symmetric)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-3, 1, K)  # groups of very different sizes
+    wd = dequantize(q, scale, zero, 4, group)
+    expected = x @ wd.t()
+    err = (kernels.int4_prefill_matmul(x, q, scale, zero) - expected).abs()
+    bound = _int8_rounding_bound(x, wd, group) + 1e-5 * (x.abs() @ wd.abs().t())  # plus float rounding
+    assert (err <= bound).all(), f"{(err / bound).max():.2f} of the bound"
+    assert err.max() > 1e-6 * expected.abs().max()  # x was rounded (not the float product of test_int4_any_rows...)
+
+
+def test_int4_prefill_zero_rows_and_groups():
+    q, scale, zero = quantize_int4(torch.randn(16, 64), 32, False)
+    x = torch.zeros(3, 64)
+    x[1, 32:] = torch.randn(32)  # a row whose first group is all zeros
+    w = dequantize(q, scale, zero, 4, 32)
+    y = kernels.int4_prefill_matmul(x, q, scale, zero)
+    assert torch.equal(y[[0, 2]], torch.zeros(2, 16))
+    assert ((y - x @ w.t()).abs() <= _int8_rounding_bound(x, w, 32) + 1e-5).all()
+
+
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 64, False)])
-def test_many_rows_take_dequantized_blocks(bits, group, symmetric, isa, monkeypatch):
-    # A prefill: the weight is dequantized a block of rows at a time (one block, then three) and
-    # multiplied in float.
+def test_many_rows_take_the_prefill_products(bits, group, symmetric, isa, monkeypatch):
+    # A prefill: INT8 weights are dequantized a block of rows at a time (one block, then three) and
+    # multiplied in float; INT4 products round x to int8 per group.
     lin = nn.Linear(128, 48, bias=True)
     ql = QuantLinear.from_linear(lin, bits, group, symmetric)
     state = ql.state_dict()
     w = dequantize(state["weight"], state["weight_scale"], state.get("weight_zero"), bits, group)
     for block_rows in (48, 16):
         monkeypatch.setattr(kernels, "_BLOCK_BYTES", block_rows * 128 * 4)
-        for rows in (kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 100):  # the loops, then the blocks
+        for rows in (kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 100):  # the loops, then the prefill products
             x = torch.randn(rows, 128)
-            _close(ql(x), x @ w.t() + lin.bias, 1e-5 if rows >= kernels.DEQUANT_ROWS or bits == 8 else 1e-4)
+            y, expected = ql(x), x @ w.t() + lin.bias
+            if bits == 4 and rows >= kernels.DEQUANT_ROWS:
+                assert ((y - expected).abs() <= _int8_rounding_bound(x, w, group) + 1e-5).all()
+            else:
+                _close(y, expected, 1e-5 if bits == 8 else 1e-4)
 
 
 def test_zero_activations_and_bf16_inputs():
