@@ -1,6 +1,7 @@
 """Decode and prefill speed of openglm versus transformers on the same random GLM-4 weights.
 
     python bench/decode.py [--config glm-4-100m] [--new-tokens 128] [--prompt 512] [--repeats 3] [--batch 1,4]
+                           [--llama-cpp DIR | --build-llama-cpp | --no-llama-bench]
     python bench/decode.py --mla [--steps 16] [--repeats 3]
 
 ``--mla`` instead compares multi-head latent attention with grouped-query attention at the same size:
@@ -15,6 +16,11 @@ repeats times, and the median of each is reported, so a busy machine slows all a
 decodes eagerly and with its compiled decode step (``compile=True``; compiled once before timing).
 Decode speed is also given as a fraction of the bandwidth bound: a decode step reads every weight
 once, so steps/s <= memory read bandwidth (bench/bandwidth.py) / bytes of weights.
+
+llama.cpp's ``llama-bench`` (found as bench/llama_cpp_tools.py finds it, or built with
+``--build-llama-cpp``) runs in the same alternation on the same weights exported with ``openglm
+convert --to gguf`` at f32, with the same thread count: ``tg`` ``--new-tokens`` (batch-1 decode)
+and ``pp`` ``--prompt`` (prefill), each once per round; the table gives openglm / llama-bench.
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from openglm import Config, GLMForCausalLM, SamplingParams, save_model  # noqa: E402
 from openglm.data.tokenizer import Tokenizer as GLMTokenizer  # noqa: E402
+from openglm.data.tokenizer import load_tokenizer  # noqa: E402
 from openglm.infer.generate import generate_steps  # noqa: E402
+from openglm.quant.gguf import export_gguf  # noqa: E402
 
+import llama_cpp_tools  # noqa: E402
 from bandwidth import measure_bandwidth  # noqa: E402
 
 
@@ -109,6 +118,9 @@ def main() -> None:
     ap.add_argument("--batch", default="1,4", help="batch sizes for openglm decode (transformers: batch 1)")
     ap.add_argument("--mla", action="store_true", help="compare latent (MLA) and grouped-query attention instead")
     ap.add_argument("--steps", type=int, default=16, help="--mla: decode steps timed per measurement")
+    ap.add_argument("--llama-cpp", help="folder of llama-bench (default: found as bench/llama_cpp_tools.py finds it)")
+    ap.add_argument("--build-llama-cpp", action="store_true", help="build llama-bench if it is not found")
+    ap.add_argument("--no-llama-bench", action="store_true", help="skip the llama-bench comparison")
     args = ap.parse_args()
     if args.mla:
         return mla_vs_gqa(args)
@@ -120,9 +132,13 @@ def main() -> None:
     ours = GLMForCausalLM.from_config(config, seed=0).eval()
     with torch.no_grad():  # end-of-text logit 0, never the largest: both sides generate every token
         ours.lm_head.weight[eos] = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(ours, Path(tmp) / "m")
-        hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "m").eval()
+    tools = None if args.no_llama_bench else llama_cpp_tools.tools(args.llama_cpp, args.build_llama_cpp)
+    work = tempfile.TemporaryDirectory()
+    gguf = None
+    save_model(ours, Path(work.name) / "m", tokenizer=load_tokenizer("glm-tiny"))  # llama.cpp needs a vocabulary
+    hf = AutoModelForCausalLM.from_pretrained(Path(work.name) / "m").eval()
+    if tools:
+        gguf = export_gguf(Path(work.name) / "m", Path(work.name) / "m.gguf", "f32")
     tok = word_tokenizer(config.vocab_size)
     n = args.new_tokens
     batches = [int(b) for b in args.batch.split(",")]
@@ -149,6 +165,7 @@ def main() -> None:
 
     # Prefill is measured apart from decode: generate() times include one short prefill.
     runs = {"hf_decode": hf_decode, "ours_prefill": ours_prefill, "hf_prefill": hf_prefill}
+    batches = sorted(set(batches) | ({1} if gguf else set()))  # batch 1 is what llama-bench's tg is compared to
     for b in batches:
         runs[f"eager_b{b}"] = ours_decode(b, False)
         runs[f"compiled_b{b}"] = ours_decode(b, True)
@@ -156,9 +173,15 @@ def main() -> None:
         for fn in runs.values():  # warm-up, and the compilations
             fn()
         times = {k: [] for k in runs}
+        peer = {"tg": [], "pp": []}
         for _ in range(args.repeats):
             for name, fn in runs.items():
                 times[name] += timed(fn, 1)
+            if gguf:
+                speeds = llama_cpp_tools.llama_bench(tools, gguf, torch.get_num_threads(), args.prompt, n, repeats=1)
+                for k in peer:
+                    peer[k].append(speeds[k])
+    work.cleanup()
     bandwidth = measure_bandwidth()
     med = {k: statistics.median(v) for k, v in times.items()}
     weights = sum(p.numel() * p.element_size() for p in ours.parameters()) - ours.model.embed_tokens.weight.nbytes
@@ -181,6 +204,18 @@ def main() -> None:
                   f"| {steps / bound:.0%} |")
     print(f"| prefill, {args.prompt}-token prompt (tokens/s) | {pre_o:.0f} | {pre_h:.0f} | {pre_o / pre_h:.2f}x | |")
     print(f"transformers decode, batch 1: {dec_h / bound:.0%} of the bandwidth bound")
+    if not gguf:
+        print("llama-bench: not run (not found; see bench/llama_cpp_tools.py, or --build-llama-cpp)")
+        return
+    tg, pp = statistics.median(peer["tg"]), statistics.median(peer["pp"])
+    eager, compiled = n / med["eager_b1"], n / med["compiled_b1"]
+    print(f"\nllama.cpp llama-bench on the same weights as GGUF f32, {torch.get_num_threads()} threads ({tools}):")
+    print("| measurement | openglm | llama-bench | openglm / llama-bench |")
+    print("|---|---|---|---|")
+    print(f"| decode, batch 1 (tokens/s; llama-bench tg{n}), eager | {eager:.1f} | {tg:.1f} | {eager / tg:.2f}x |")
+    print(f"| decode, batch 1, compiled | {compiled:.1f} | {tg:.1f} | {compiled / tg:.2f}x |")
+    print(f"| prefill, {args.prompt}-token prompt (tokens/s; llama-bench pp{args.prompt}) | {pre_o:.0f} | {pp:.0f} | "
+          f"{pre_o / pp:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Speed of openglm's mixture-of-experts layer versus a dense MLP of the same active parameters, and of
-a whole MoE model's batch-1 decode (against llama.cpp's ``llama-bench`` on the same GGUF when it is installed).
+a whole MoE model's batch-1 decode against llama.cpp's ``llama-bench`` on the same GGUF at each bit width.
 
     python bench/moe.py [--hidden 2048] [--moe-intermediate 768] [--experts 32] [--top-k 8] [--shared 1]
-                        [--tokens 1,8,128] [--repeats 7] [--dtype float32] [--threads N] [--model glm-4.5-air-debug]
-                        [--checkpoint DIR --gguf FILE]
+                        [--tokens 1,8,128] [--repeats 7] [--dtype float32] [--threads N] [--model moe-100m]
+                        [--checkpoint DIR] [--new-tokens 32] [--llama-cpp DIR | --build-llama-cpp] [--skip-layer]
 
 Layer: the MoE block (router, ``--experts`` routed experts of width ``--moe-intermediate``, ``--top-k``
 per token, ``--shared`` shared experts) against one dense SwiGLU MLP of width ``(top-k + shared) x
@@ -14,19 +14,22 @@ alike. One token is a decode step at batch 1: it reads only the chosen experts, 
 given as weights read per second, next to the memory read bandwidth measured with the same threads
 (bench/bandwidth.py).
 
-Whole model: greedy batch-1 decode of ``--checkpoint`` (default: random weights of ``--model``) with
-openglm, and ``llama-bench -p 0 -n N`` on ``--gguf`` (the same weights exported with ``openglm convert
---to gguf``) when ``llama-bench`` is on PATH; otherwise that comparison is reported as not run.
+Whole model: greedy batch-1 decode of ``--checkpoint`` (default: random weights of ``--model``; the
+default ``moe-100m`` is GLM-4.5-Air's layout at ~100M parameters: hidden 768, 8 layers, the first
+dense, 16 experts of width 256, top-4 plus one shared) with openglm at fp32, INT8 and INT4 (group
+32, symmetric), each against ``llama-bench -p 0 -n N`` on the same weights exported as a ``glm4moe``
+GGUF (``openglm convert --to gguf``) at f32, q8_0 and q4_0, with the same threads; the six are
+measured in turn, ``--repeats`` rounds, medians reported. llama.cpp's tools are found or built as
+bench/llama_cpp_tools.py does; without them the comparison is reported as not run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
+import dataclasses
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +37,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from openglm import Config, GLMForCausalLM, SamplingParams, load_model  # noqa: E402
+from openglm import Config, GLMForCausalLM, SamplingParams, load_model, save_model  # noqa: E402
+from openglm.data.tokenizer import load_tokenizer  # noqa: E402
 from openglm.infer.generate import generate_steps  # noqa: E402
 from openglm.model.glm import MLP, MoE  # noqa: E402
+from openglm.quant import quantize_model  # noqa: E402
+from openglm.quant.gguf import export_gguf  # noqa: E402
 
+import llama_cpp_tools  # noqa: E402
 from bandwidth import measure_bandwidth  # noqa: E402
 from decode import word_tokenizer  # noqa: E402
+
+GGUF_TYPES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # our scheme -> the GGUF type of the same bits
 
 
 def layer_config(args) -> Config:
@@ -134,42 +143,59 @@ def bench_layers(args) -> None:
         print(f"MoE speed / dense speed at {n} token{'s' * (n > 1)}: {ratio:.2f}x")
 
 
+def model_config(name: str) -> Config:
+    """A named config, or ``moe-100m``: GLM-4.5-Air's layout at ~100M parameters (end of text: id 0)."""
+    if name != "moe-100m":
+        return Config.from_name(name, eos_token_id=[0], pad_token_id=0)
+    return dataclasses.replace(Config.from_name("glm-4.5-air-debug"), name="moe-100m", vocab_size=32768,
+                               hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12, num_kv_heads=2,
+                               head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                               eos_token_id=[0], pad_token_id=0)
+
+
 def bench_model(args) -> None:
-    if args.checkpoint:
-        model = load_model(args.checkpoint)
-        label = args.checkpoint
-    else:
-        config = Config.from_name(args.model, eos_token_id=[0], pad_token_id=0)
-        model = GLMForCausalLM.from_config(config, seed=0).eval()
-        with torch.no_grad():  # end-of-text logit 0, never the largest: every step is generated
-            model.lm_head.weight[0] = 0
-        label = f"{args.model} (random weights)"
-    config = model.config
-    tok = word_tokenizer(config.vocab_size)
-    n = args.new_tokens
-    prompt = torch.randint(1, config.vocab_size, (1, 16)).tolist()
-    greedy = SamplingParams(max_new_tokens=n, temperature=0)
-
-    def run():
-        assert sum(1 for _ in generate_steps(model, tok, prompt, greedy)) <= n
-
-    with torch.inference_mode():
-        run()
-        seconds = median_time(run, args.repeats)
-    print(f"whole model {label}: {config.num_parameters / 1e6:.1f}M parameters ({config.num_active_parameters / 1e6:.1f}M active)")
-    print(f"openglm greedy decode, batch 1, {n} new tokens after a 16-token prompt: {n / seconds:.1f} tokens/s")
-    llama_bench = shutil.which("llama-bench")
-    if llama_bench is None:
-        print("llama.cpp: llama-bench is not on PATH here, so the comparison with llama.cpp was not run")
-        return
-    if not args.gguf:
-        print(f"llama.cpp: {llama_bench} found, but no --gguf given (export the same checkpoint with "
-              "`openglm convert --to gguf`), so the comparison with llama.cpp was not run")
-        return
-    out = subprocess.run([llama_bench, "-m", args.gguf, "-p", "0", "-n", str(n), "-t", str(torch.get_num_threads()),
-                          "-r", str(args.repeats), "-o", "json"], capture_output=True, text=True, check=True)
-    tps = json.loads(out.stdout)[0]["avg_ts"]
-    print(f"llama.cpp llama-bench tg{n} on {args.gguf}: {tps:.1f} tokens/s; openglm / llama.cpp: {n / seconds / tps:.2f}x")
+    tools = llama_cpp_tools.tools(args.llama_cpp, args.build_llama_cpp)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            base, label = Path(args.checkpoint), args.checkpoint
+        else:
+            model = GLMForCausalLM.from_config(model_config(args.model), seed=0).eval()
+            with torch.no_grad():  # end-of-text logit 0, never the largest: every step is generated
+                model.lm_head.weight[0] = 0
+            base = save_model(model, Path(tmp) / "fp32", tokenizer=load_tokenizer("glm-tiny"))  # GGUF needs a vocabulary
+            label = f"{args.model} (random weights)"
+        models = {"fp32": load_model(base), "int8": quantize_model(load_model(base), "int8"),
+                  "int4": quantize_model(load_model(base), "int4", 32)}
+        ggufs = {bits: export_gguf(base, Path(tmp) / f"{t}.gguf", t) for bits, t in GGUF_TYPES.items()} if tools else {}
+        config = models["fp32"].config
+        tok = word_tokenizer(config.vocab_size)
+        n = args.new_tokens
+        prompt = torch.randint(1, config.vocab_size, (1, 16)).tolist()
+        greedy = SamplingParams(max_new_tokens=n, temperature=0)
+        ours, theirs = {bits: [] for bits in models}, {bits: [] for bits in ggufs}
+        with torch.inference_mode():
+            for model in models.values():  # warm-up
+                sum(1 for _ in generate_steps(model, tok, prompt, greedy))
+            for _ in range(args.repeats):  # each round: every width, openglm then llama-bench
+                for bits, model in models.items():
+                    start = time.perf_counter()
+                    steps = sum(1 for _ in generate_steps(model, tok, prompt, greedy))
+                    ours[bits].append(steps / (time.perf_counter() - start))
+                    if bits in ggufs:
+                        theirs[bits].append(llama_cpp_tools.llama_bench(tools, ggufs[bits], threads, gen=n, repeats=1)["tg"])
+    print(f"\nwhole model {label}: {config.num_parameters / 1e6:.1f}M parameters ({config.num_active_parameters / 1e6:.1f}M "
+          f"active), greedy decode, batch 1, {n} new tokens after a 16-token prompt, {threads} threads, median of "
+          f"{args.repeats} rounds")
+    if not tools:
+        print("llama.cpp: llama-bench not found (see bench/llama_cpp_tools.py; --build-llama-cpp builds it), so the "
+              "comparison with llama.cpp was not run")
+    print(f"| weights | openglm tokens/s | llama-bench tg{n} tokens/s (GGUF type) | openglm / llama-bench |")
+    print("|---|---:|---:|---:|")
+    for bits in models:
+        o = statistics.median(ours[bits])
+        t = statistics.median(theirs[bits]) if theirs.get(bits) else None
+        print(f"| {bits} | {o:.1f} | " + (f"{t:.1f} ({GGUF_TYPES[bits]}) | {o / t:.2f}x |" if t else "not run | |"))
 
 
 def main() -> None:
@@ -183,14 +209,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--model", default="glm-4.5-air-debug", help="named config for the whole-model decode")
-    ap.add_argument("--checkpoint", help="an openglm MoE checkpoint for the whole-model decode (instead of --model)")
-    ap.add_argument("--gguf", help="the same weights as GGUF, for llama-bench")
+    ap.add_argument("--model", default="moe-100m", help="named config (random weights) for the whole-model decode")
+    ap.add_argument("--checkpoint", help="an fp32 openglm MoE checkpoint with its tokenizer for the whole-model "
+                    "decode (instead of --model)")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--llama-cpp", help="folder of llama-bench (default: found as bench/llama_cpp_tools.py finds it)")
+    ap.add_argument("--build-llama-cpp", action="store_true", help="build llama-bench if it is not found")
+    ap.add_argument("--skip-layer", action="store_true", help="only the whole-model decode")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_layers(args)
+    if not args.skip_layer:
+        bench_layers(args)
     bench_model(args)
 
 

@@ -1,6 +1,7 @@
-"""Decode speed and peak memory of quantized openglm models versus fp32, transformers and llama.cpp.
+"""Decode and prefill speed and peak memory of quantized openglm models versus fp32, transformers and llama.cpp.
 
     python bench/quant.py [--models glm-4-100m glm-tiny] [--new-tokens 64] [--repeats 3] [--threads N]
+                          [--prefill 512] [--llama-cpp DIR | --build-llama-cpp] [--only "openglm int4,llama-bench q4_0"]
 
 For each model (a config name gets random weights, seed 0; a checkpoint path or bundled name is
 used as it is) one set of weights is saved once and every configuration reads those: openglm at
@@ -14,6 +15,14 @@ alternate, ``--repeats`` times, and medians are reported with the load average s
 is greedy steps after a 16-token prompt, prefill excluded, at batch 1 and 8 (llama.cpp: batch 1,
 its Python API decodes one sequence). The bandwidth bound is this machine's measured memory read
 bandwidth divided by the bytes of weights one decode step reads (every matrix but the embedding).
+
+llama.cpp's own ``llama-bench`` (found as bench/llama_cpp_tools.py finds it, or built with
+``--build-llama-cpp``) runs on the same GGUF files in the same alternation, with the same threads:
+``tg`` (decode, batch 1) and ``pp`` (a ``--prefill``-token prompt). openglm's eager configurations
+time the same prefill (one ``--prefill``-token prompt into an empty cache), and the table gives
+openglm / llama-bench at the same bits for both: fp32 against f32, INT8 against q8_0 and INT4
+(group 32, symmetric) against q4_0 (blocks of 32, symmetric), llama.cpp repacking them into its
+CPU layouts as it does by default.
 """
 
 from __future__ import annotations
@@ -66,6 +75,11 @@ def worker(spec: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     vocab = spec["vocab_size"]
     prompts = torch.randint(1, vocab, (8, PROMPT), generator=gen)
+    if spec["engine"] == "llama-bench":
+        from llama_cpp_tools import llama_bench
+
+        speeds = llama_bench(Path(spec["tools"]), spec["path"], spec["threads"], spec["prefill"], n, repeats=1)
+        return {"b1": speeds["tg"], **({"pp": speeds["pp"]} if "pp" in speeds else {})}
     if spec["engine"] == "llama.cpp":
         import llama_cpp
         import numpy as np
@@ -146,6 +160,15 @@ def worker(spec: dict) -> dict:
 
                 _decode_rate(forward, prefill, 4)  # warm-up
                 out[f"b{B}"] = B * _decode_rate(forward, prefill, n)  # tokens/s: B rows per step
+            out["peak_rss_mib"] = _peak_rss_mib()  # of decoding: before the long prompt's activations
+            P = spec.get("prefill", 0)
+            if P and spec["engine"] == "openglm" and not spec.get("compile"):  # prefill runs eagerly in all
+                long = torch.randint(1, vocab, (1, P), generator=gen)
+                model(long, cache=model.new_cache(1, P + 1), logits_to_keep=1)  # warm-up
+                t = time.perf_counter()
+                model(long, cache=model.new_cache(1, P + 1), logits_to_keep=1)
+                out["pp"] = P / (time.perf_counter() - t)
+            return out
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
 
@@ -171,8 +194,12 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
 
 
-def prepare(model_name: str, directory: Path, gguf_types: list[str], compile: bool = True) -> dict[str, dict]:
-    """Save the weights each configuration reads; returns {config: {engine, path, dtype, bytes}}."""
+def prepare(model_name: str, directory: Path, python_llama: bool, compile: bool = True,
+            tools: Path | None = None) -> dict[str, dict]:
+    """Save the weights each configuration reads; returns {config: {engine, path, dtype, bytes}}.
+
+    GGUF files are written for llama.cpp through llama-cpp-python (``python_llama``) and for
+    ``llama-bench`` (``tools``, its folder)."""
     import torch
 
     from openglm import GLMForCausalLM, load_model, save_model
@@ -206,9 +233,13 @@ def prepare(model_name: str, directory: Path, gguf_types: list[str], compile: bo
             configs[f"openglm {name} compiled"] = {"engine": "openglm", "path": str(path), "dtype": dtype, "compile": True}
     configs["transformers fp32"] = {"engine": "transformers", "path": str(base)}
     if (base / "tokenizer.json").is_file():
-        for t in gguf_types:
+        for t in GGUF_BITS if python_llama or tools else []:
             path = export_gguf(base, directory / f"{t}.gguf", t)
-            configs[f"llama.cpp {t}"] = {"engine": "llama.cpp", "path": str(path), "bytes": gguf_bytes_per_token(path)}
+            if python_llama:
+                configs[f"llama.cpp {t}"] = {"engine": "llama.cpp", "path": str(path), "bytes": gguf_bytes_per_token(path)}
+            if tools:
+                configs[f"llama-bench {t}"] = {"engine": "llama-bench", "path": str(path), "tools": str(tools),
+                                               "bytes": gguf_bytes_per_token(path)}
     for c in configs.values():
         c["vocab_size"] = vocab
     return configs
@@ -240,13 +271,15 @@ def run_child(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(model_name: str, configs: dict, runs: dict, bandwidths: list[float], loads: list[float]) -> str:
+def report(model_name: str, configs: dict, runs: dict, bandwidths: list[float], loads: list[float],
+           prefill: int) -> str:
     # The machine's bandwidth is the best measurement; busy moments only lower one.
     bandwidth = max(bandwidths)
     med = {}
     for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
-        med[name] = {k: statistics.median(r[k] for r in ok) for k in ("b1", "b8", "peak_rss_mib", "bytes") if ok and k in ok[0]}
+        med[name] = {k: statistics.median(r[k] for r in ok) for k in ("b1", "b8", "pp", "peak_rss_mib", "bytes")
+                     if ok and k in ok[0]}
         if not ok:
             med[name]["error"] = rs[0]["error"]
     fp32 = med.get("openglm fp32", {})
@@ -255,21 +288,27 @@ def report(model_name: str, configs: dict, runs: dict, bandwidths: list[float], 
              f"{min(loads):.1f}-{max(loads):.1f}; memory read bandwidth {bandwidth / 1e9:.1f} GB/s "
              f"(best of {len(bandwidths)}, measured between the runs)", "",
              "| configuration | MiB read / token | decode tok/s, batch 1 | batch 8 | vs openglm fp32 (b1 / b8) "
-             "| % of bandwidth bound (b1) | vs llama.cpp same bits (b1) | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| % of bandwidth bound (b1) | vs llama.cpp same bits (b1) | prefill tok/s ({prefill} tokens) "
+             "| vs llama-bench same bits (decode / prefill) | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     llama_by_bits = {GGUF_BITS[n.split()[1]]: med[n].get("b1") for n in med if n.startswith("llama.cpp")}
+    bench_by_bits = {GGUF_BITS[n.split()[1]]: med[n] for n in med if n.startswith("llama-bench") and "b1" in med[n]}
     for name, c in configs.items():
         m = med[name]
         if "error" in m:
-            lines.append(f"| {name} | | failed: {m['error'][:80]} | | | | | |")
+            lines.append(f"| {name} | | failed: {m['error'][:80]} | | | | | | | |")
             continue
         b1, b8, nbytes = m["b1"], m.get("b8"), c.get("bytes") or m["bytes"]
-        rel = f"{b1 / fp32['b1']:.2f}x" + (f" / {b8 / fp32['b8']:.2f}x" if b8 and fp32.get("b8") else "")
+        rel = f"{b1 / fp32['b1']:.2f}x" + (f" / {b8 / fp32['b8']:.2f}x" if b8 and fp32.get("b8") else "") if fp32 else ""
         bits = name.split()[1]
         peer = llama_by_bits.get(bits) if name.startswith("openglm") else None
+        bench = bench_by_bits.get(bits, {}) if name.startswith("openglm") else {}
+        vs_bench = " / ".join(f"{m[k] / bench[k]:.2f}x" if k in m and k in bench else "-" for k in ("b1", "pp"))
+        pp = m.get("pp")
+        rss = f"{m['peak_rss_mib']:.0f}" if "peak_rss_mib" in m else ""  # llama-bench's is its own process's
         lines.append(f"| {name} | {nbytes / 2**20:.1f} | {b1:.1f} | {f'{b8:.1f}' if b8 else 'n/a'} | {rel} | "
                      f"{100 * b1 * nbytes / bandwidth:.0f}% | {f'{b1 / peer:.2f}x' if peer else ''} | "
-                     f"{m['peak_rss_mib']:.0f} |")
+                     f"{f'{pp:.0f}' if pp else ''} | {vs_bench if bench else ''} | {rss} |")
     return "\n".join(lines)
 
 
@@ -281,6 +320,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode configurations")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement (0: none)")
+    ap.add_argument("--llama-cpp", help="folder of llama-bench (default: found as bench/llama_cpp_tools.py finds it)")
+    ap.add_argument("--build-llama-cpp", action="store_true", help="build llama-bench if it is not found")
+    ap.add_argument("--only", help="comma-separated configurations to run, e.g. 'openglm int4,llama-bench q4_0'")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -289,25 +332,35 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        gguf_types = list(GGUF_BITS)
+        python_llama = True
     except ImportError:
-        gguf_types = []
+        python_llama = False
         print("llama-cpp-python is not installed: no llama.cpp rows")
+    import llama_cpp_tools
+
+    tools = llama_cpp_tools.tools(args.llama_cpp, args.build_llama_cpp)
+    if tools is None:
+        print("llama-bench not found (see bench/llama_cpp_tools.py; --build-llama-cpp builds it): no llama-bench rows")
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.new_tokens} new tokens after a {PROMPT}-token "
           f"prompt\n")
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            configs = prepare(model_name, Path(tmp), gguf_types, not args.no_compile)
+            configs = prepare(model_name, Path(tmp), python_llama, not args.no_compile, tools)
+            if args.only:
+                wanted = [c.strip() for c in args.only.split(",")]
+                if missing := [c for c in wanted if c not in configs]:
+                    raise SystemExit(f"error: no configuration {missing[0]!r}; there are: {', '.join(configs)}")
+                configs = {name: c for name, c in configs.items() if name in wanted}
             runs, loads, bandwidths = {name: [] for name in configs}, [], []
             for _ in range(args.repeats):
                 bandwidths.append(run_child({"engine": "bandwidth", "threads": args.threads})["bandwidth"])
                 for name, c in configs.items():
-                    spec = {**c, "threads": args.threads, "new_tokens": args.new_tokens}
+                    spec = {**c, "threads": args.threads, "new_tokens": args.new_tokens, "prefill": args.prefill}
                     runs[name].append(run_child(spec))
                     loads.append(os.getloadavg()[0])
-            print(report(model_name, configs, runs, bandwidths, loads) + "\n", flush=True)
+            print(report(model_name, configs, runs, bandwidths, loads, args.prefill) + "\n", flush=True)
 
 
 if __name__ == "__main__":

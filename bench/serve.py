@@ -3,6 +3,8 @@
     python bench/serve.py [--model glm-tiny] [--concurrency 1,4,16] [--max-tokens 64] [--prompts-per-client 8]
                           [--min-requests 32] [--server-args "--engine-in-process"]
     python bench/serve.py --upstreams N [--model glm-tiny] [--concurrency 1,4,16] ...
+    python bench/serve.py --peer llama-server [--model glm-tiny | --random-weights glm-4-100m] [--concurrency 1,16]
+                          [--llama-cpp DIR | --build-llama-cpp] [--rounds 1]
 
 Starts two ``openglm serve`` processes on free ports, each on a fresh SQLite database (its demo key):
 one with continuous batching (``--max-batch-size 16``) and one limited to one request at a time
@@ -19,6 +21,17 @@ With ``--upstreams N`` it measures the gateway instead: one ``openglm serve --up
 (``--threads``), at each concurrency; then the gateway's added time to first token: requests at
 concurrency 1, alternately straight to a worker and through the gateway (same worker, key checks,
 reservation and settlement in SQLite), p50 of each and of the pairs' differences (goal < 1 ms p50).
+
+``--peer llama-server`` instead compares ``openglm serve`` (continuous batching, ``--batch-size``)
+with llama.cpp's ``llama-server`` on the same weights: the model is exported with ``openglm convert
+--to gguf --gguf-type f32`` and served by ``llama-server --parallel <batch-size>`` (its continuous
+batching, a context of ``batch-size x (max-tokens + 256)`` tokens shared by the slots) with the same
+thread count; both run at once, idle while the other is measured, and at each concurrency the two
+are measured in turn (the order alternating, ``--rounds`` times) under the same streamed
+``/v1/completions`` load. It prints both rows and the ratios openglm / llama-server (output
+tokens/s: higher is better for openglm; TTFT p50: lower is). llama.cpp's tools are found or built as
+bench/llama_cpp_tools.py does. ``--random-weights CONFIG`` serves random weights of a named config
+(end-of-text logit 0) instead of ``--model``.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -111,10 +125,11 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event["choices"]:  # a token's text, or the last token's finish reason
+            choice = event["choices"][0] if event.get("choices") else {}
+            if choice.get("text") or choice.get("finish_reason"):  # a token's text, or the last token's finish reason
                 times.append(time.perf_counter())
+            if event.get("usage"):  # llama-server sends it on the finish_reason chunk; openglm on its own
+                tokens = event["usage"]["completion_tokens"]
     end = time.perf_counter()
     return Result(end - start, times[0] - start, tokens, [b - a for a, b in zip(times, times[1:])])
 
@@ -157,6 +172,110 @@ def summarize(results: list[Result], wall: float) -> dict:
             "out_len": statistics.mean(r.output_tokens for r in results)}
 
 
+class LlamaServer:
+    """llama.cpp's ``llama-server`` on ``gguf`` in a subprocess (no key: the bearer header is ignored)."""
+
+    def __init__(self, tools, gguf: Path, threads: int, parallel: int, context: int, log: Path):
+        import llama_cpp_tools
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = "none"
+        self.log = log
+        command = llama_cpp_tools.server_command(tools, gguf, self.port, threads, parallel, context)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:  # /health answers 503 while the model loads
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit(f"llama-server did not become healthy; its log: {log}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def prepare_model(args, workdir: Path) -> str:
+    """The checkpoint both servers serve: ``--model``, or random weights of ``--random-weights`` saved in ``workdir``."""
+    if not args.random_weights:
+        return args.model
+    import torch
+
+    from openglm import Config, GLMForCausalLM, save_model
+    from openglm.data.tokenizer import load_tokenizer
+
+    config = Config.from_name(args.random_weights, eos_token_id=[0], pad_token_id=0)
+    model = GLMForCausalLM.from_config(config, seed=0).eval()
+    with torch.no_grad():  # end-of-text logit 0: rarely the one sampled, so requests run to max_tokens
+        model.lm_head.weight[0] = 0
+    return str(save_model(model, workdir / "random", tokenizer=load_tokenizer("glm-tiny")))
+
+
+def peer_run(args, levels: list[int]) -> None:
+    """openglm serve and llama-server on the same weights, measured in turn at each concurrency."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llama_cpp_tools
+
+    tools = llama_cpp_tools.tools(args.llama_cpp, args.build_llama_cpp)
+    if tools is None:
+        raise SystemExit("error: llama-server not found (see bench/llama_cpp_tools.py; --build-llama-cpp builds it)")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model = prepare_model(args, workdir)
+        gguf = workdir / "model.gguf"
+        done = subprocess.run([sys.executable, "-m", "openglm", "convert", model, "--to", "gguf", "--gguf-type", "f32",
+                               "-o", str(gguf)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"openglm convert --to gguf failed: {done.stderr.strip()[-500:]}")
+        context = args.batch_size * (args.max_tokens + 256)
+        servers = {}
+        try:
+            servers["openglm"] = Server(model, args.batch_size, tmp, args.threads, args.server_args.split())
+            servers["llama-server"] = LlamaServer(tools, gguf, args.threads, args.batch_size, context,
+                                                  workdir / "llama-server.log")
+            for server in servers.values():
+                asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
+            order = list(servers)
+            for c in levels:
+                n = max(c * args.prompts_per_client, args.min_requests)
+                for _ in range(args.rounds):
+                    for label in order:
+                        server = servers[label]
+                        results, wall = asyncio.run(run_level(server.url, server.key, c, n, args.max_tokens,
+                                                              args.request_rate))
+                        rows.setdefault((label, c), []).append(summarize(results, wall))
+                        r = rows[label, c][-1]
+                        print(f"{label:>14} c={c:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1000:7.1f} ms  "
+                              f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+                    order.reverse()  # the other goes first next time
+        finally:
+            for server in servers.values():
+                server.stop()
+    name = f"{args.random_weights} (random weights)" if args.random_weights else args.model
+    print(f"\nmodel {name}, f32 GGUF for llama-server, {args.max_tokens} max tokens, {os.cpu_count()} CPUs, "
+          f"{args.threads} threads each, {args.batch_size} slots each; medians of {args.rounds} round(s); "
+          f"1-min load average at the end {os.getloadavg()[0]:.1f}; times in ms")
+    print("| server | concurrency | req/s | output tok/s | out len | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    med = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in rows.items()}
+    for (label, c), r in med.items():
+        print(f"| {label} | {c} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {r['out_len']:.1f} | {r['ttft50'] * 1e3:.1f} | "
+              f"{r['ttft99'] * 1e3:.1f} | {r['tpot50'] * 1e3:.1f} | {r['itl50'] * 1e3:.1f} |")
+    print("\n| concurrency | output tok/s, openglm / llama-server | TTFT p50, openglm / llama-server |")
+    print("|---:|---:|---:|")
+    for c in levels:
+        ours, peer = med["openglm", c], med["llama-server", c]
+        print(f"| {c} | {ours['tok_s'] / peer['tok_s']:.2f}x ({ours['tok_s']:.0f} vs {peer['tok_s']:.0f}) | "
+              f"{ours['ttft50'] / peer['ttft50']:.2f}x ({ours['ttft50'] * 1e3:.1f} vs {peer['ttft50'] * 1e3:.1f} ms) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="glm-tiny", help="checkpoint directory or bundled name")
@@ -176,7 +295,16 @@ def main() -> None:
                     help="measure a gateway over this many `openglm worker`s against one `openglm serve`, and "
                          "the gateway's added time to first token")
     ap.add_argument("--ttft-pairs", type=int, default=100, help="requests each way for the added TTFT (--upstreams)")
+    ap.add_argument("--peer", choices=["llama-server"], help="compare with llama.cpp's server instead")
+    ap.add_argument("--random-weights", metavar="CONFIG", help="--peer: serve random weights of this named config")
+    ap.add_argument("--rounds", type=int, default=1, help="--peer: measurements of each server per concurrency")
+    ap.add_argument("--llama-cpp", help="--peer: folder of llama-server (default: found as bench/llama_cpp_tools.py does)")
+    ap.add_argument("--build-llama-cpp", action="store_true", help="--peer: build llama-server if it is not found")
     args = ap.parse_args()
+    if args.peer:
+        if args.concurrency == ap.get_default("concurrency"):
+            args.concurrency = "1,16"
+        return peer_run(args, [int(c) for c in args.concurrency.split(",")])
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.upstreams:
         return bench_gateway(args, levels)
