@@ -112,7 +112,8 @@ def test_expert_parallel_training_matches_one_process_and_resumes(data_dir, sett
                 assert g[key] == pytest.approx(w[key], rel=RTOL), (key, g, w)
         assert g.get("moe_load") == w.get("moe_load")
     # The checkpoint holds the full experts (and their AdamW moments) in the one-process layout.
-    (got_w, got_opt, _), (want_w, want_opt, _) = (checkpointing.load_checkpoint(r / "checkpoint") for r in (run, single))
+    (got_w, got_opt, _), (want_w, want_opt, _) = (checkpointing.load_checkpoint(r / "checkpoint")
+                                                  for r in (run, single))
     assert {k: v.shape for k, v in got_w.items()} == {k: v.shape for k, v in want_w.items()}
     experts = [k for k in want_w if ".mlp.experts." in k]
     assert len(experts) == 4 and want_w[experts[0]].shape[0] == 8
@@ -146,7 +147,7 @@ def test_expert_parallel_needs_a_moe_model_and_processes(data_dir, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_full_finetuning_with_expert_parallel_matches_one_process(tokenizer, tmp_path):
+def test_full_finetuning_with_expert_parallel_and_accumulation_matches_one_process(tokenizer, tmp_path):
     from openglm import Config, GLMForCausalLM, save_model
     from openglm.train.finetune import FinetuneSettings, finetune
 
@@ -158,8 +159,8 @@ def test_full_finetuning_with_expert_parallel_matches_one_process(tokenizer, tmp
              for c in colours * 6]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in chats))
-    args = dict(steps=3, batch_size=4, seq_len=64, lr=3e-3, warmup=1, eval_every=0, save_every=0, log_every=1,
-                balance_rate=0.01)
+    args = dict(steps=3, batch_size=4, grad_accum=2, seq_len=64, lr=3e-3, warmup=1, eval_every=0, save_every=0,
+                log_every=1, balance_rate=0.01)
     finetune(FinetuneSettings(model=str(base), data=str(data), out=str(tmp_path / "single"), threads=1,
                               progress=False, **args))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
