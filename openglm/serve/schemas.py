@@ -7,9 +7,10 @@ fields still work; every field we read is typed and bounded, so a bad value is a
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per request: each one is a full engine request
@@ -512,7 +513,81 @@ class ZhipuErrorResponse(_Response):
     error: ZhipuErrorDetail
 
 
-# --- usage and admin -------------------------------------------------------------------------------
+# --- the server, accounts, keys and admin ----------------------------------------------------------
+
+# A time as the API has always written it: ISO 8601 with its offset ("+00:00"; pydantic would write "Z").
+_Time = Annotated[datetime, PlainSerializer(datetime.isoformat, return_type=str)]
+
+
+class Health(_Response):
+    status: Literal["ok"] = "ok"
+    model: str
+
+
+class ObjectList(_Response):
+    """A list answer of the account API: ``{"object": "list", "data": [...]}``."""
+
+    object: Literal["list"] = "list"
+    data: list[Any]
+
+
+class KeyView(_Response):
+    """One of the account's keys as the account sees it (never its secret, but once: ``NewKeyView``)."""
+
+    id: int
+    name: str | None
+    prefix: str
+    created_at: _Time
+    expires_at: _Time | None
+    revoked_at: _Time | None
+    models: list[str] | None
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    current: bool  # the key of the request that asks
+
+    @classmethod
+    def of(cls, key, current_id: int, **more) -> KeyView:
+        """The view of ``key`` (a ``KeyInfo``) for a request made with the key ``current_id``."""
+        return cls(**{name: getattr(key, name) for name in KeyView.model_fields if name != "current"},
+                   current=key.id == current_id, **more)
+
+
+class NewKeyView(KeyView):
+    secret: str
+
+
+class AccountView(_Response):
+    id: int
+    name: str
+    balance: int  # units: 1e-6 of the currency
+    reserved: int  # held for requests running now
+    available: int
+    key: KeyView  # the key of the request
+
+
+class Revoked(_Response):
+    id: int
+    revoked: Literal[True] = True
+
+
+class Deleted(_Response):
+    id: str
+    object: str  # what was deleted: "conversation.deleted"
+    deleted: Literal[True] = True
+
+
+class Balance(_Response):
+    account_id: int
+    balance: int
+
+
+class ModelPrice(_Response):
+    model: str
+    input_per_million: int
+    output_per_million: int
+
+
 
 class UsageReport(BaseModel):
     account_id: int

@@ -28,31 +28,25 @@ class NewOwnKey(S._Request):
     name: Annotated[str, Field(max_length=200)] | None = None
 
 
-def _key_view(key, current_id: int) -> dict:
-    return {"id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at,
-            "expires_at": key.expires_at, "revoked_at": key.revoked_at, "models": key.models, "rpm": key.rpm,
-            "tpm": key.tpm, "max_concurrency": key.max_concurrency, "current": key.id == current_id}
-
-
 @router.get("/v1/account")
 async def account(svc: Svc, key: Key):
     """The key's account: balance, held and available units (1e-6 of the currency), and the key."""
     acct = await to_thread.run_sync(svc.store.get_account, key.account_id)
-    return {"id": acct.id, "name": acct.name, "balance": acct.balance, "reserved": acct.reserved,
-            "available": acct.available, "key": _key_view(key, key.id)}
+    return S.AccountView(id=acct.id, name=acct.name, balance=acct.balance, reserved=acct.reserved,
+                         available=acct.available, key=S.KeyView.of(key, key.id))
 
 
 @router.get("/v1/usage/requests")
 async def recent_requests(svc: Svc, key: Key, limit: Annotated[int, Query(ge=1, le=MAX_RECENT)] = 50):
     """The account's newest settled requests from the ledger, newest first."""
     rows = await to_thread.run_sync(svc.store.recent_requests, key.account_id, limit)
-    return {"object": "list", "data": jsonable_encoder(rows)}
+    return S.ObjectList(data=jsonable_encoder(rows))
 
 
 @router.get("/v1/keys")
 async def own_keys(svc: Svc, key: Key):
     keys = await to_thread.run_sync(svc.store.list_keys, key.account_id)
-    return {"object": "list", "data": jsonable_encoder([_key_view(k, key.id) for k in keys])}
+    return S.ObjectList(data=[S.KeyView.of(k, key.id) for k in keys])
 
 
 @router.post("/v1/keys", status_code=201)
@@ -64,7 +58,7 @@ async def create_own_key(body: NewOwnKey, svc: Svc, key: Key):
                        code="too_many_keys")
     info, secret = await to_thread.run_sync(lambda: svc.store.create_key(
         key.account_id, body.name, key.expires_at, key.models, key.rpm, key.tpm, key.max_concurrency))
-    return {**jsonable_encoder(_key_view(info, key.id)), "secret": secret}
+    return S.NewKeyView.of(info, key.id, secret=secret)
 
 
 @router.delete("/v1/keys/{key_id}")
@@ -75,7 +69,7 @@ async def revoke_own_key(key_id: _KeyId, svc: Svc, key: Key):
         raise APIError(404, f"no key with id {key_id}", code="key_not_found")
     await to_thread.run_sync(svc.store.revoke_key, key_id)
     svc.auth.forget()
-    return {"id": key_id, "revoked": True}
+    return S.Revoked(id=key_id)
 
 
 @router.get("/v1/usage", response_model=S.UsageReport)

@@ -44,7 +44,7 @@ async def admin_account(account_id: _Id, svc: Svc):
 
 @router.post("/admin/accounts/{account_id}/top-up")
 async def admin_top_up(account_id: _Id, body: S.TopUp, svc: Svc):
-    return {"account_id": account_id, "balance": await _call(svc.store.top_up, account_id, body.amount)}
+    return S.Balance(account_id=account_id, balance=await _call(svc.store.top_up, account_id, body.amount))
 
 
 @router.get("/admin/keys")
@@ -68,19 +68,19 @@ async def admin_create_key(body: S.NewKey, svc: Svc):
 @router.delete("/admin/keys/{key_id}")
 async def admin_revoke_key(key_id: _Id, svc: Svc):
     await _call(svc.store.revoke_key, key_id)
-    return {"id": key_id, "revoked": True}
+    return S.Revoked(id=key_id)
 
 
 @router.put("/admin/prices/{model}")
 async def admin_set_price(model: str, body: S.Price, svc: Svc):
     await _call(svc.store.set_price, model, body.input_per_million, body.output_per_million)
-    return {"model": model, **body.model_dump()}
+    return S.ModelPrice(model=model, **body.model_dump())
 
 
 @router.get("/admin/prices/{model}")
 async def admin_price(model: str, svc: Svc):
     price = await to_thread.run_sync(svc.store.get_price, model)
-    return {"model": model, "input_per_million": price[0], "output_per_million": price[1]}
+    return S.ModelPrice(model=model, input_per_million=price[0], output_per_million=price[1])
 
 
 @router.get("/admin/ledger")

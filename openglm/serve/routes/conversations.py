@@ -13,6 +13,7 @@ from fastapi import APIRouter, Path as PathParam, Query
 from pydantic import Field
 
 from .. import conversations as C
+from .. import schemas as S
 from ..errors import APIError
 from ..schemas import MAX_LIMIT, _Request
 from .deps import Key, Svc
@@ -63,7 +64,7 @@ async def _call(fn, *args):
 async def list_conversations(svc: Svc, key: Key, q: Annotated[str, Query(max_length=200)] = "",
                              limit: Annotated[int, Query(ge=1, le=C.MAX_LIST)] = 50):
     """The account's conversations, newest first; ``q`` keeps those whose title or a message contains it."""
-    return {"object": "list", "data": await _call(svc.conversations.list, key.account_id, q.strip() or None, limit)}
+    return S.ObjectList(data=await _call(svc.conversations.list, key.account_id, q.strip() or None, limit))
 
 
 @router.post("/v1/conversations", status_code=201)
@@ -85,7 +86,7 @@ async def rename_conversation(cid: _ConversationId, body: ConversationUpdate, sv
 @router.delete("/v1/conversations/{cid}")
 async def delete_conversation(cid: _ConversationId, svc: Svc, key: Key):
     await _call(svc.conversations.delete, key.account_id, cid)
-    return {"id": cid, "object": "conversation.deleted", "deleted": True}
+    return S.Deleted(id=cid, object="conversation.deleted")
 
 
 @router.post("/v1/conversations/{cid}/messages")

@@ -146,10 +146,10 @@ class Generations:
     def ready(self) -> None:
         self.backend.ready()
 
-    def health(self) -> dict:
+    def health(self) -> S.Health:
         """``/health``'s answer; 503 (``APIError``) unless requests can run now."""
         self.backend.ready()
-        return {"status": "ok", "model": self.model_name}
+        return S.Health(model=self.model_name)
 
     def model_names(self) -> list[str]:
         return [self.model_name]
