@@ -553,3 +553,62 @@ def test_throughput_batched_vs_one_at_a_time():
         tokens = serve(model, tokenizer, scenario, max_batch_size=16, max_seq_len=256)
         elapsed = time.perf_counter() - start
         print(f"\nglm-tiny, {name}: {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:.0f} tokens/s")
+
+
+def fed_prompt_tokens(monkeypatch) -> list[int]:
+    """The prompt tokens each prefill forward of the engine feeds, in order."""
+    from openglm.serve.engine.runner import ModelRunner
+
+    fed, original = [], ModelRunner.prefill
+
+    def prefill(runner, slots, chunks):
+        fed.append(sum(map(len, chunks)))
+        return original(runner, slots, chunks)
+
+    monkeypatch.setattr(ModelRunner, "prefill", prefill)
+    return fed
+
+
+def shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("first_running", [False, True], ids=["first ended", "first running"])
+def test_a_prompt_sharing_a_cached_prefix_skips_its_prefill(model, tokenizer, monkeypatch, first_running):
+    # Two questions after the same system prompt. The second feeds only what follows the shared
+    # prefix, whose keys it takes from the first's slot (a copy while the first still runs), and
+    # gets the tokens it gets alone.
+    system = tokenizer.encode(PROMPTS[2] * 2)
+    first, second = system + tokenizer.encode(" What is it?"), system + tokenizer.encode(" Who wrote it?")
+    common = shared(first, second)
+    assert common >= len(system) > 20
+    fed = fed_prompt_tokens(monkeypatch)
+    monkeypatch.setattr(Engine, "PACK_MAX_TOKENS", 0)  # prompts fed by prefill forwards only
+
+    async def scenario(engine):
+        one = engine.submit(EngineRequest(first, greedy(30 if first_running else 4)))
+        if first_running:
+            await anext(one)
+        else:
+            await one.result()
+        two = await engine.submit(EngineRequest(second, greedy(8))).result()
+        await one.result()
+        return two, engine.core.prefix_tokens
+
+    (events, _), reused = serve(model, tokenizer, scenario, preempt_tokens=0, max_batch_size=2)
+    assert reused == common and fed == [len(first), len(second) - common]
+    assert [e.token for e in events] == alone(model, tokenizer, second, greedy(8))[0]
+
+
+def test_the_same_prompt_again_feeds_its_last_token_only(model, tokenizer, monkeypatch):
+    ids = tokenizer.encode(PROMPTS[0])
+    fed = fed_prompt_tokens(monkeypatch)
+
+    async def scenario(engine):
+        return [[e.token for e in (await engine.submit(EngineRequest(ids, greedy(6))).result())[0]] for _ in range(2)]
+
+    again = serve(model, tokenizer, scenario)
+    assert fed == [len(ids), 1] and again[0] == again[1] == alone(model, tokenizer, ids, greedy(6))[0]

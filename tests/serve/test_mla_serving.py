@@ -63,6 +63,32 @@ def test_requests_joining_mid_batch_match_single_generation(tokenizer, name, pac
     assert [[e.token for e in events] for events, _ in results] == expected
 
 
+@pytest.mark.parametrize("name", ["glm-4.7-flash-debug", "glm-5-debug"])
+def test_a_shared_prompt_prefix_is_copied_between_slots_of_the_latent_cache(tokenizer, name):
+    # The second request's prefix comes from the first's slot while the first runs: the latents (and,
+    # for sparse attention, the indexer keys) copied, its tokens those it gets alone.
+    model = mla_model(name, tokenizer)
+    system = tokenizer.encode(PROMPTS[2])
+    first, second = system + tokenizer.encode(" What?"), system + tokenizer.encode(" Who?")
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    expected = [s.token for s in generate_steps(model, tokenizer, [second], greedy)]
+
+    async def main():
+        engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=128, preempt_tokens=0)
+        engine.start()
+        try:
+            one = engine.submit(EngineRequest(first, SamplingParams(max_new_tokens=20, temperature=0)))
+            await anext(one)
+            events, _ = await engine.submit(EngineRequest(second, greedy)).result()
+            await one.result()
+            return [e.token for e in events], engine.core.prefix_tokens
+        finally:
+            engine.stop()
+
+    tokens, reused = asyncio.run(main())
+    assert reused >= len(system) and tokens == expected
+
+
 def test_openglm_serve_serves_a_latent_attention_checkpoint(tokenizer, tmp_path):
     from openglm.serve.store import Store
 

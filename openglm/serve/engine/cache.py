@@ -106,9 +106,17 @@ class SlotKVCache(KVCache):
     def plan(self, plan: tuple) -> None:
         self._write, self._read, self._keys = plan
 
-    def free(self, slot: int) -> None:
-        """Mark ``slot`` empty; its old keys stay in memory but are never visible again."""
-        self.lengths[slot] = 0
+    def keep(self, slot: int, n: int, source: int | None = None) -> None:
+        """Start ``slot`` over with its first ``n`` positions kept (those of slot ``source``, copied, if
+        given): a new request whose prompt begins with those tokens is filled to ``n`` already. The
+        keys past ``n`` stay in memory but are never visible again."""
+        if source is not None and source != slot and n:
+            self._copy(source, slot, n)
+        self.lengths[slot] = n
+
+    def _copy(self, source: int, slot: int, n: int) -> None:
+        self.k[:, slot, :, :n] = self.k[:, source, :, :n]  # (layers, K, n, D)
+        self.v[:, slot, :, :n] = self.v[:, source, :, :n]
 
 
 class SlotLatentKVCache(SlotKVCache, LatentKVCache):
@@ -135,6 +143,10 @@ class SlotLatentKVCache(SlotKVCache, LatentKVCache):
             key_slots, key_pos = self._read
             return buffer[key_slots, key_pos][None]
         return buffer[self._read, : self._keys]
+
+    def _copy(self, source: int, slot: int, n: int) -> None:
+        self.latent[:, slot, :n] = self.latent[:, source, :n]  # (layers, n, width)
+        self.index[:, slot, :n] = self.index[:, source, :n]
 
     def update(self, layer: int, entry: torch.Tensor) -> torch.Tensor:
         return self._planned(self.latent[layer], entry)

@@ -112,6 +112,7 @@ class EngineCore:
         self.steps = 0  # engine steps run so far
         self.packed_steps = 0  # of which decoded and prefilled in one packed forward
         self.preemptions = 0  # forwards paused between two layers to prefill prompts that arrived meanwhile
+        self.prefix_tokens = 0  # prompt tokens not prefilled: their keys were in the cache already
         self._device = model.model.norm.weight.device
         self._slots: list[RequestState | None] = [None] * max_batch_size
         self._waiting: deque[RequestState] = deque()
@@ -244,7 +245,8 @@ class EngineCore:
         with self._cond:
             waiting = list(self._waiting)
         plan = schedule([s for s in self._slots if s is not None], waiting, self.budgets)
-        self._admit(plan.admit)
+        if self._admit(plan.admit):  # planned again with the prompt prefixes the admitted found cached
+            plan = schedule([s for s in self._slots if s is not None], [], self.budgets)
         if plan.packed:
             self._packed(plan.decode, plan.prefill)
         else:
@@ -289,14 +291,13 @@ class EngineCore:
         """Move the ``count`` oldest waiting requests into free slots and return them."""
         if not count:
             return []
-        free = [i for i, s in enumerate(self._slots) if s is None]
         with self._cond:
             admitted = [self._waiting.popleft() for _ in range(count)]
         admitted_at = time.monotonic()
-        for slot, seq in zip(free, admitted):
-            seq.slot = slot
-            self._slots[slot] = seq
-            self.runner.free(slot)
+        for seq in admitted:
+            seq.slot, seq.prefilled = self.runner.place(seq, [i for i, s in enumerate(self._slots) if s is None])
+            self.prefix_tokens += seq.prefilled
+            self._slots[seq.slot] = seq
             seq.queue_time = admitted_at - seq.submitted
         return admitted
 
@@ -310,7 +311,7 @@ class EngineCore:
             waiting = list(itertools.islice(self._waiting, free))
         admitted = self._admit(first_prompts(waiting, free, self.budgets.preempt_tokens, now))
         if admitted:
-            self._prefill([(s, s.prompt_len) for s in admitted])
+            self._prefill([(s, s.prompt_len - s.prefilled) for s in admitted])
             self._flush()
         return bool(admitted)
 

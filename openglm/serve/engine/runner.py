@@ -1,7 +1,9 @@
 """The model runner: the model, the slot KV cache it fills, and the sampling of each row's next token.
 
 The engine core tells it which slots feed which tokens; the runner builds the forward's inputs
-(positions and masks from the cache's plan), runs it and samples. Preemption is its job too: with
+(positions and masks from the cache's plan), runs it and samples. It places each new request in a
+slot, and a prompt that begins like one the cache holds (a shared system prompt, the earlier turns
+of a conversation) skips the prefill of that prefix (``place``). Preemption is its job too: with
 ``on_layer`` set, a decode or packed forward calls it between two layers (forward hooks on the
 decoder layers, so the model knows nothing of serving); whatever forwards ``on_layer`` runs there,
 the paused forward then goes on with its own cache plan.
@@ -9,6 +11,7 @@ the paused forward then goes on with its own cache plan.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -26,6 +29,28 @@ class SamplingState(Protocol):
     generator: torch.Generator | None
     ids: list[int]  # prompt, then generated tokens
     logprobs: int | None  # top alternatives to return with each token (None: no logprobs)
+
+
+class Resident(Protocol):
+    """What a slot's keys are of: a request's tokens, the first ``cached`` of them in the cache."""
+
+    ids: list[int]
+
+    @property
+    def cached(self) -> int: ...
+
+
+def _common_prefix(a: list[int], n: int, b: list[int]) -> int:
+    """How many of the first ``n`` tokens of ``a`` begin ``b`` too."""
+    n = min(n, len(b))
+    if not n or a[0] != b[0]:  # the usual case for unrelated prompts: no lists copied
+        return 0
+    if a[:n] == b[:n]:  # compared in C
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]  # (token, its logprob, top alternatives)
@@ -46,12 +71,33 @@ class ModelRunner:
         else:
             self.cache = SlotKVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len,
                                      config.head_dim, dtype=weight.dtype, device=weight.device)
+        self._rows: list[Resident | None] = [None] * max_batch_size  # each slot's last request
+        self._placements = itertools.count(1)
+        self._placed = [0] * max_batch_size  # when each slot was last given a request
         self.on_layer: Callable[[], None] | None = None  # called between two layers of a decode/packed forward
         self._pausing = False  # inside on_layer: the forwards it runs are not paused in turn
 
-    def free(self, slot: int) -> None:
-        """Empty ``slot`` for a new request."""
-        self.cache.free(slot)
+    def place(self, request: Resident, free: list[int]) -> tuple[int, int]:
+        """Give ``request`` (its ``ids`` the prompt) one of the ``free`` slots, with the longest prefix of
+        its prompt that some slot holds already (a shared system prompt, an earlier turn) in the cache:
+        that slot if it is free, else a copy of it. Returns (slot, prompt tokens cached).
+
+        What a slot holds is read off its last request, running or ended: the first ``cached`` of its
+        ``ids``. One prompt token at least is left to feed, for the logits of the first new token.
+        """
+        prompt, limit = request.ids, len(request.ids) - 1
+        source, best = None, 0
+        for slot, row in enumerate(self._rows):
+            if row is not None and (n := _common_prefix(row.ids, min(row.cached, limit), prompt)) > best:
+                source, best = slot, n
+        if source in free:
+            slot = source
+        else:  # an unused slot, else the one whose last request came longest ago
+            slot = min(free, key=lambda s: self._placed[s])
+        self.cache.keep(slot, best, source)
+        self._rows[slot] = request
+        self._placed[slot] = next(self._placements)
+        return slot, best
 
     def prefill(self, slots: list[int], chunks: list[list[int]]) -> torch.Tensor:
         """Feed ``chunks[i]`` to slot ``slots[i]`` in one left-padded forward; logits ``[B', V]`` of each
