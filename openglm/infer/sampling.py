@@ -85,25 +85,41 @@ def _draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torc
 def sample_each(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                 seen: list[list[int]]) -> list[int]:
     """One token per row of ``logits [B, V]``, row ``i`` with its own ``params[i]``, ``generators[i]``
-    and tokens so far ``seen[i]``: exactly what ``sample(logits[i:i+1], ...)`` gives, but rows that
-    share their settings are drawn in one call (a serving batch usually does)."""
+    and tokens so far ``seen[i]``: exactly what ``sample(logits[i:i+1], ...)`` gives, but the whole
+    batch in a few operations, whatever mix of settings it holds (a serving batch's requests each
+    bring their own): per-row temperatures, top-k and top-p thresholds as tensors."""
     logits = logits.float()
-    tokens: list[int] = [0] * len(params)
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0:  # the penalty depends on the row's own text
-            ids = torch.tensor([seen[i]], device=logits.device)
-            tokens[i] = int(sample(logits[i : i + 1], p, generators[i], ids)[0])
-        else:
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-    for rows in groups.values():
-        p = params[rows[0]]
-        group = logits if len(rows) == len(params) else logits[rows]
-        if p.greedy:
-            picked = group.argmax(-1)
-        else:  # each row's uniform from its own generator, as sample() draws it
-            u = torch.cat([torch.rand(1, 1, generator=generators[i], device=logits.device) for i in rows])
-            picked = _draw(group, p, u)
-        for i, t in zip(rows, picked.tolist()):
-            tokens[i] = t
+    device = logits.device
+    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and seen[i]]
+    if penalized:  # the penalty depends on the row's own text
+        logits = logits.clone()
+        for i in penalized:
+            ids = torch.tensor([seen[i]], device=device)
+            logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], ids, params[i].repetition_penalty)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if not drawn:
+        return logits.argmax(-1).tolist()
+    tokens = logits.argmax(-1).tolist() if len(drawn) < len(params) else [0] * len(params)
+    rows = logits if len(drawn) == len(params) else logits[drawn]
+    rows = rows / torch.tensor([params[i].temperature for i in drawn], device=device)[:, None]
+    top_k = [params[i].top_k if 0 < params[i].top_k < rows.shape[-1] else 0 for i in drawn]
+    if any(top_k):
+        kth = rows.topk(max(top_k), dim=-1).values.gather(1, torch.tensor([max(k, 1) - 1 for k in top_k],
+                                                                           device=device)[:, None])
+        kth[torch.tensor([k == 0 for k in top_k], device=device)] = float("-inf")  # rows without top-k
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    nucleus = [j for j, i in enumerate(drawn) if params[i].top_p < 1.0]
+    if nucleus:
+        part = rows[nucleus]
+        sorted_logits, order = part.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        top_p = torch.tensor([params[drawn[j]].top_p for j in nucleus], device=device)[:, None]
+        drop = (probs.cumsum(-1) - probs) >= top_p  # as filter_logits: the tokens before cover top_p
+        rows[nucleus] = part.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    # Each row's uniform from its own generator, as sample() draws it.
+    u = torch.cat([torch.rand(1, 1, generator=generators[i], device=device) for i in drawn])
+    cdf = rows.softmax(-1).cumsum(-1)  # [B', V]
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    for i, token in zip(drawn, picked.tolist()):
+        tokens[i] = token
     return tokens

@@ -42,3 +42,19 @@ def test_sample_each_draws_every_row_as_sample_alone_would():
                     enumerate(zip(params, g1, seen))]
         assert sample_each(logits, params, g2, seen) == expected
         logits = logits[torch.randperm(7)]
+
+
+def test_sample_each_mixes_every_setting_in_one_batch_as_sample_alone_would():
+    # Top-k and top-p on one row, each with several temperatures, beside rows with neither.
+    torch.manual_seed(1)
+    logits = torch.randn(6, 500) * 4
+    params = [SamplingParams(temperature=0.7, top_k=8, top_p=0.6, seed=1), SamplingParams(temperature=1.1, seed=2),
+              SamplingParams(temperature=0.5, top_k=500, seed=3), SamplingParams(temperature=2.0, top_p=0.3, seed=4),
+              SamplingParams(temperature=0.9, top_k=1, seed=5), SamplingParams(temperature=0, top_k=3)]
+    seen = [[] for _ in params]
+    for _ in range(30):
+        expected = [int(sample(logits[i : i + 1], p, torch.Generator().manual_seed(p.seed or 0))[0])
+                    for i, p in enumerate(params)]
+        got = sample_each(logits, params, [torch.Generator().manual_seed(p.seed or 0) for p in params], seen)
+        assert got == expected
+        logits = torch.randn(6, 500) * 4
