@@ -100,7 +100,7 @@ class EngineCore:
         if not 0 < max_seq_len <= limit:
             raise OpenGLMError(f"max_seq_len must be in 1..{limit} (the model's positions), got {max_seq_len}")
         if max_batch_size < 1 or prefill_chunk < 1 or preempt_tokens < 0:
-            raise OpenGLMError("max_batch_size and prefill_chunk must be >= 1, max_queue and preempt_tokens >= 0")
+            raise OpenGLMError("max_batch_size and prefill_chunk must be >= 1, preempt_tokens >= 0")
         self.model, self.tokenizer, self.on_outputs = model, tokenizer, on_outputs
         self.max_seq_len, self.vocab_size = max_seq_len, config.vocab_size
         self.model_name = model_name or getattr(model, "name_or_path", None) or config.name
