@@ -10,10 +10,10 @@ flags. Without a compiler, or with ``OPENGLM_KERNELS=0``, ``available()`` is Fal
 rounding, slower.
 
 Products with many activation rows (``DEQUANT_ROWS``, a prefill) are bound by arithmetic, not by
-reading the weights, and the loops are made for the few rows of decoding: there INT4 products round
+reading the weights, and the loops are made for the few rows of decoding: there the products round
 the activations to int8 per group and use integer dot products over a tile of unpacked weight rows
-(``int4_prefill_matmul``), and INT8 products dequantize the weights a block of rows at a time and
-multiply in float32.
+(``int4_prefill_matmul``; ``int8_prefill_matmul`` where the CPU has VNNI), as llama.cpp does;
+INT8 products elsewhere dequantize the weights a block of rows at a time and multiply in float32.
 
 Under ``torch.compile`` the products are the custom operators ``openglm::int8_matmul`` and
 ``openglm::int4_matmul``; eager calls go to the library directly (less overhead per call). The build
@@ -133,6 +133,9 @@ def _build(torch_ops: bool = True) -> ctypes.CDLL | None:
     lib.openglm_q4_dequant.restype = None
     lib.openglm_q4_prefill_matmul.argtypes = [_P, _I, _I, _P, _P, _P, _I, _I, _P]
     lib.openglm_q4_prefill_matmul.restype = None
+    if lib.openglm_q8_prefill_available():
+        lib.openglm_q8_prefill_matmul.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+        lib.openglm_q8_prefill_matmul.restype = None
     return lib
 
 
@@ -199,6 +202,28 @@ def int4_prefill_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     y = torch.empty(M, N, dtype=torch.float32)
     library().openglm_q4_prefill_matmul(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(),
                                         None if zero is None else zero.data_ptr(), G, N, y.data_ptr())
+    return y
+
+
+def int8_prefill_available(in_features: int) -> bool:
+    """Whether ``int8_prefill_matmul`` takes this layer: the CPU has VNNI and K is a multiple of 32."""
+    lib = library()
+    return lib is not None and in_features % 32 == 0 and bool(lib.openglm_q8_prefill_available())
+
+
+def int8_prefill_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``int8_matmul`` for many rows of ``x`` (a prefill), x rounded to int8 per (row, 32 columns).
+
+    As ``int4_prefill_matmul``, with the weight made unsigned (``w + 128``, the 128 taken off as a
+    zero point); only where ``int8_prefill_available`` (without VNNI, sums of such byte products
+    overflow the CPU's int16 pairs). Differs from the float product of the dequantized weight by at
+    most ``sum_k |w[n, k]| * dx[m, k // 32] / 2``.
+    """
+    x = x.float().contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().openglm_q8_prefill_matmul(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), N, y.data_ptr())
     return y
 
 

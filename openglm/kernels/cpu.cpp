@@ -366,13 +366,13 @@ void for_each_block(int64_t count, const int64_t* N, int64_t M, Body body) {
     }
 }
 
-// INT4 products with many activation rows (a prefill): x is quantized to int8 per (row, group)
-// as llama.cpp's q8_0 does, and each weight nibble (0..15, unsigned) meets it in an integer dot
-// product (VNNI's vpdpbusd: 64 byte products per instruction, four times the float multiply-adds
-// of a float product). A tile of kTileRows weight rows is unpacked once into the order the dot
-// product reads (4 consecutive columns of 16 or 8 rows side by side) and reused over every row of
-// x; the group's sum turns float once, scaled by scale_g * dx[m, g], the zero point coming off as
-// zero_g * (sum of x's integers in the group).
+// Products with many activation rows (a prefill): x is quantized to int8 per (row, group) as
+// llama.cpp's q8_0 does, and meets unsigned weight bytes (INT4 nibbles 0..15, or INT8 + 128) in an
+// integer dot product (VNNI's vpdpbusd: 64 byte products per instruction, four times the float
+// multiply-adds of a float product). A tile of kTileRows weight rows is unpacked once into the
+// order the dot product reads (4 consecutive columns of 16 or 8 rows side by side) and reused over
+// every row of x; the group's sum turns float once, scaled by scale_g * dx[m, g], the zero point
+// coming off as zero_g * (sum of x's integers in the group).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int kLanes = 16;
 using VecI = __m512i;
@@ -385,6 +385,7 @@ inline VecI vi_bcast4(const int8_t* p) {
     return _mm512_set1_epi32(v);
 }
 inline VecI dot_u8s8(VecI acc, VecI w, VecI x) { return _mm512_dpbusd_epi32(acc, w, x); }
+#define OPENGLM_DPBUSD 1
 inline VecF vf_zero() { return _mm512_setzero_ps(); }
 inline VecF vf_load(const float* p) { return _mm512_loadu_ps(p); }
 inline VecF vf_set(float v) { return _mm512_set1_ps(v); }
@@ -407,8 +408,10 @@ inline VecI vi_bcast4(const int8_t* p) {
 }
 inline VecI dot_u8s8(VecI acc, VecI w, VecI x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define OPENGLM_DPBUSD 1
     return _mm256_dpbusd_epi32(acc, w, x);
 #elif defined(__AVXVNNI__)
+#define OPENGLM_DPBUSD 1
     return _mm256_dpbusd_avx_epi32(acc, w, x);
 #else  // pairs of products into int16 (at most 2 * 15 * 127: never saturates), then pairs of those
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
@@ -436,7 +439,7 @@ constexpr int64_t kChunkBytes = 16 << 10;        // of the unpacked tile per pas
 // xs [M, G] its scales and sums. Writes kTileRows floats per row to out (ldo apart), adding to
 // what is there unless g0 is 0.
 template <int MB>
-inline void tile_q4(const int8_t* xq, const float* dx, const float* xs, int64_t K, int64_t G, int64_t g0, int64_t g1,
+inline void tile_dot(const int8_t* xq, const float* dx, const float* xs, int64_t K, int64_t G, int64_t g0, int64_t g1,
                     const uint8_t* wp, const float* sp, const float* zp, float* out, int64_t ldo) {
     const int64_t steps = K / G / 4;  // dot products of 4 columns per group
     VecF acc[MB][kTileVecs];
@@ -466,6 +469,74 @@ inline void tile_q4(const int8_t* xq, const float* dx, const float* xs, int64_t 
     }
     for (int m = 0; m < MB; ++m)
         for (int v = 0; v < kTileVecs; ++v) vf_store(out + m * ldo + v * kLanes, acc[m][v]);
+}
+#endif
+
+// x [M, K] taken to int8 per (row, group of K / G columns): q = round(x / d), d = (the group's
+// largest |x|) / 127, and s the sum of the group's q.
+struct RowsInt8 {
+    int64_t M, K, G;
+    std::vector<int8_t> q;
+    std::vector<float> d, s;
+    RowsInt8(const float* x, int64_t M_, int64_t K_, int64_t G_) : M(M_), K(K_), G(G_), q(M_ * K_), d(M_ * G_), s(M_ * G_) {
+        const int64_t gs = K / G;
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t g = 0; g < G; ++g) {
+                const float* xg = x + m * K + g * gs;
+                float amax = 0.f;
+                for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
+                const float step = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / step;
+                int8_t* qg = q.data() + m * K + g * gs;
+                int32_t sum = 0;
+                for (int64_t k = 0; k < gs; ++k) {
+                    qg[k] = int8_t(std::clamp<long>(std::lrintf(xg[k] * inv), -127, 127));
+                    sum += qg[k];
+                }
+                d[m * G + g] = step;
+                s[m * G + g] = float(sum);
+            }
+    }
+};
+
+#ifdef OPENGLM_Q4_BLOCKED
+// y[M, N] = xq @ W^T, the weight unpacked a tile at a time by pack(n0, rows, wp, sp, zp) (rows of
+// the tile that exist: from n0, at most kTileRows) into the layout of tile_dot; tiles split across threads.
+template <typename Pack>
+void tiled_product(const RowsInt8& xq, int64_t N, float* y, Pack pack) {
+    const int64_t M = xq.M, K = xq.K, G = xq.G;
+    const int64_t tiles = (N + kTileRows - 1) / kTileRows, chunk = std::max<int64_t>(1, kChunkBytes / (K / G * kTileRows));
+    const int64_t rows_last = N % kTileRows ? M : 0;
+#pragma omp parallel
+    {
+        std::vector<uint8_t> wp(K * kTileRows);
+        std::vector<float> sp(G * kTileRows), zp(G * kTileRows), part(rows_last * kTileRows);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t n0 = t * kTileRows, rows = std::min<int64_t>(kTileRows, N - n0);
+            pack(n0, rows, wp.data(), sp.data(), zp.data());
+            const bool whole = rows == kTileRows;
+            float* base = whole ? y + n0 : part.data();  // a last partial tile: all of x's rows aside, then copied
+            const int64_t ldo = whole ? N : kTileRows;
+            for (int64_t g0 = 0; g0 < G; g0 += chunk)
+                for (int64_t m = 0; m < M; m += kRowBlock) {
+                    const int64_t g1 = std::min(G, g0 + chunk);
+                    const int8_t* xm = xq.q.data() + m * K;
+                    const float *dm = xq.d.data() + m * G, *sm = xq.s.data() + m * G;
+                    float* out = base + m * ldo;
+                    switch (std::min<int64_t>(kRowBlock, M - m)) {
+                        case 1: tile_dot<1>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 2: tile_dot<2>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 3: tile_dot<3>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 4: tile_dot<4>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        case 5: tile_dot<5>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                        default: tile_dot<6>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
+                    }
+                }
+            if (!whole)
+                for (int64_t m = 0; m < M; ++m) std::copy_n(part.data() + m * kTileRows, rows, y + m * N + n0);
+        }
+    }
 }
 #endif
 
@@ -579,69 +650,24 @@ void openglm_q4_dequant(const uint8_t* w, const uint16_t* scale, const uint8_t* 
 // sum_k |w[n, k]| * dx[m, g(k)] / 2, dx = (the group's largest |x|) / 127, plus float rounding.
 void openglm_q4_prefill_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scale,
                                const uint8_t* zero, int64_t G, int64_t N, float* y) {
-    const int64_t gs = K / G, K2 = K / 2;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> dx(M * G), xs(M * G);
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < G; ++g) {
-            const float* xg = x + m * K + g * gs;
-            float amax = 0.f;
-            for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
-            const float d = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / d;
-            int8_t* q = xq.data() + m * K + g * gs;
-            int32_t sum = 0;
-            for (int64_t k = 0; k < gs; ++k) {
-                q[k] = int8_t(std::clamp<long>(std::lrintf(xg[k] * inv), -127, 127));
-                sum += q[k];
-            }
-            dx[m * G + g] = d;
-            xs[m * G + g] = float(sum);
-        }
+    const int64_t K2 = K / 2;
+    const RowsInt8 xq(x, M, K, G);
 #ifdef OPENGLM_Q4_BLOCKED
-    const int64_t tiles = (N + kTileRows - 1) / kTileRows, chunk = std::max<int64_t>(1, kChunkBytes / (gs * kTileRows));
-    const int64_t rows_last = N % kTileRows ? M : 0;
-#pragma omp parallel
-    {
-        std::vector<uint8_t> wp(K * kTileRows);
-        std::vector<float> sp(G * kTileRows), zp(G * kTileRows), part(rows_last * kTileRows);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t n0 = t * kTileRows, rows = std::min<int64_t>(kTileRows, N - n0);
-            for (int64_t r = 0; r < kTileRows; ++r) {  // rows past N: zeros, computed and dropped
-                for (int64_t j = 0; j < K2; j += 2) {
-                    uint8_t* o = wp.data() + ((j / 2) * kTileRows + r) * 4;
-                    const uint8_t b0 = r < rows ? w[(n0 + r) * K2 + j] : 0, b1 = r < rows ? w[(n0 + r) * K2 + j + 1] : 0;
-                    o[0] = b0 & 15, o[1] = b0 >> 4, o[2] = b1 & 15, o[3] = b1 >> 4;
-                }
-                for (int64_t g = 0; g < G; ++g) {
-                    sp[g * kTileRows + r] = r < rows ? bf16(scale[(n0 + r) * G + g]) : 0.f;
-                    zp[g * kTileRows + r] = r >= rows ? 0.f : zero ? float(zero[(n0 + r) * G + g]) : 8.f;
-                }
+    tiled_product(xq, N, y, [=](int64_t n0, int64_t rows, uint8_t* wp, float* sp, float* zp) {
+        for (int64_t r = 0; r < kTileRows; ++r) {  // rows past N: zeros, computed and dropped
+            for (int64_t j = 0; j < K2; j += 2) {
+                uint8_t* o = wp + ((j / 2) * kTileRows + r) * 4;
+                const uint8_t b0 = r < rows ? w[(n0 + r) * K2 + j] : 0, b1 = r < rows ? w[(n0 + r) * K2 + j + 1] : 0;
+                o[0] = b0 & 15, o[1] = b0 >> 4, o[2] = b1 & 15, o[3] = b1 >> 4;
             }
-            const bool whole = rows == kTileRows;
-            float* base = whole ? y + n0 : part.data();  // a last partial tile: all of x's rows aside, then copied
-            const int64_t ldo = whole ? N : kTileRows;
-            for (int64_t g0 = 0; g0 < G; g0 += chunk)
-                for (int64_t m = 0; m < M; m += kRowBlock) {
-                    const int64_t g1 = std::min(G, g0 + chunk);
-                    const int8_t* xm = xq.data() + m * K;
-                    const float *dm = dx.data() + m * G, *sm = xs.data() + m * G;
-                    float* out = base + m * ldo;
-                    switch (std::min<int64_t>(kRowBlock, M - m)) {
-                        case 1: tile_q4<1>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                        case 2: tile_q4<2>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                        case 3: tile_q4<3>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                        case 4: tile_q4<4>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                        case 5: tile_q4<5>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                        default: tile_q4<6>(xm, dm, sm, K, G, g0, g1, wp.data(), sp.data(), zp.data(), out, ldo); break;
-                    }
-                }
-            if (!whole)
-                for (int64_t m = 0; m < M; ++m) std::copy_n(part.data() + m * kTileRows, rows, y + m * N + n0);
+            for (int64_t g = 0; g < G; ++g) {
+                sp[g * kTileRows + r] = r < rows ? bf16(scale[(n0 + r) * G + g]) : 0.f;
+                zp[g * kTileRows + r] = r >= rows ? 0.f : zero ? float(zero[(n0 + r) * G + g]) : 8.f;
+            }
         }
-    }
+    });
 #else
+    const int64_t gs = K / G;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; ++m) {
@@ -651,14 +677,43 @@ void openglm_q4_prefill_matmul(const float* x, int64_t M, int64_t K, const uint8
                 int32_t s = 0;
                 for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
                     const uint8_t b = w[n * K2 + k / 2];
-                    s += ((k % 2 ? b >> 4 : b & 15) - z) * xq[m * K + k];
+                    s += ((k % 2 ? b >> 4 : b & 15) - z) * xq.q[m * K + k];
                 }
-                total += float(s) * bf16(scale[n * G + g]) * dx[m * G + g];
+                total += float(s) * bf16(scale[n * G + g]) * xq.d[m * G + g];
             }
             y[m * N + n] = total;
         }
 #endif
 }
+
+#ifdef OPENGLM_DPBUSD
+// The same for the INT8 weight of openglm_q8_matmul (K a multiple of 32), x taken to int8 per (row,
+// 32 columns). The weight is made unsigned (w + 128, what vpdpbusd multiplies) and the 128 comes
+// off as a zero point. Only where the CPU has VNNI: without it, pairs of such products overflow
+// the int16 sums of vpmaddubsw, and openglm_q8_prefill_available() is 0.
+int openglm_q8_prefill_available() { return 1; }
+
+void openglm_q8_prefill_matmul(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
+                               int64_t N, float* y) {
+    const int64_t G = K / 32;
+    const RowsInt8 xq(x, M, K, G);
+    tiled_product(xq, N, y, [=](int64_t n0, int64_t rows, uint8_t* wp, float* sp, float* zp) {
+        for (int64_t r = 0; r < kTileRows; ++r) {
+            for (int64_t k = 0; k < K; k += 4) {
+                uint8_t* o = wp + ((k / 4) * kTileRows + r) * 4;
+                for (int i = 0; i < 4; ++i) o[i] = r < rows ? uint8_t(w[(n0 + r) * K + k + i] + 128) : 0;
+            }
+            const float s = r < rows ? bf16(scale[n0 + r]) : 0.f;
+            for (int64_t g = 0; g < G; ++g) {
+                sp[g * kTileRows + r] = s;
+                zp[g * kTileRows + r] = r < rows ? 128.f : 0.f;
+            }
+        }
+    });
+}
+#else
+int openglm_q8_prefill_available() { return 0; }
+#endif
 
 // Attention of one query per (sequence, head) over S cached keys: out[b, h] = softmax(scale * q.K^T) V
 // over the keys mask[b, s] marks visible (all when mask is NULL); head h reads key/value head

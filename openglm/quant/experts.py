@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..errors import OpenGLMError
 from ..model.glm import Experts
-from .linear import check_shape, dequantize, quantize_int4, quantize_int8
+from .linear import check_shape, dequantize, prefill_product, quantize_int4, quantize_int8
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -77,10 +77,8 @@ class QuantExperts(Experts):
             z = None if zero is None else zero[e]
             if not fast:  # no compiler for the kernels: this expert's float weights, then the product
                 out.append(F.linear(r, dequantize(weight[e], scale[e], z, self.bits, self.group_size)))
-            elif r.shape[0] >= kernels.DEQUANT_ROWS and self.bits == 4:  # many tokens: integer products, x at int8
-                out.append(kernels.int4_prefill_matmul(r, weight[e], scale[e], z))
-            elif r.shape[0] >= kernels.DEQUANT_ROWS:  # many tokens: float products on dequantized blocks
-                out.append(kernels.dequant_matmul(r.contiguous(), self.bits, weight[e], scale[e], z, K))
+            elif r.shape[0] >= kernels.DEQUANT_ROWS:  # many tokens: the prefill products
+                out.append(prefill_product(r, self.bits, weight[e], scale[e], z, K))
             elif self.bits == 8:
                 out.append(kernels.int8_matmul(r, weight[e], scale[e]))
             else:

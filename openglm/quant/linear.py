@@ -171,11 +171,8 @@ class QuantLinear(nn.Module):
         if self.use_kernels:
             x2 = x.reshape(-1, self.in_features)  # (B*T, K)
             zero = getattr(self, "weight_zero", None)
-            if x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling() and self.bits == 4:  # prefill
-                y = kernels.int4_prefill_matmul(x2, self.weight, self.weight_scale, zero)
-            elif x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling():  # prefill: float products
-                y = kernels.dequant_matmul(x2.float().contiguous(), self.bits, self.weight, self.weight_scale, zero,
-                                           self.in_features)
+            if x2.shape[0] >= kernels.DEQUANT_ROWS and not torch.compiler.is_compiling():  # prefill
+                y = prefill_product(x2, self.bits, self.weight, self.weight_scale, zero, self.in_features)
             elif self.bits == 8:
                 y = kernels.int8_matmul(x2, self.weight, self.weight_scale)
             else:
@@ -327,6 +324,17 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}"
+
+
+def prefill_product(x: torch.Tensor, bits: int, weight: torch.Tensor, scale: torch.Tensor,
+                     zero: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for many rows of ``x``: integer products on x rounded to int8 where the kernels
+    have them (INT4; INT8 with VNNI), else float products on the weight dequantized block by block."""
+    if bits == 4:
+        return kernels.int4_prefill_matmul(x, weight, scale, zero)
+    if kernels.int8_prefill_available(in_features):
+        return kernels.int8_prefill_matmul(x, weight, scale)
+    return kernels.dequant_matmul(x.float().contiguous(), bits, weight, scale, zero, in_features)
 
 
 def check_shape(out_features: int, in_features: int, bits: int, group_size: int | None) -> None:

@@ -87,6 +87,22 @@ def test_int4_prefill_within_the_int8_rounding_of_x(M, N, group, symmetric, isa)
     assert err.max() > 1e-6 * expected.abs().max()  # x was rounded (not the float product of test_int4_any_rows...)
 
 
+@pytest.mark.parametrize("M", [1, 6, 7, 48])
+@pytest.mark.parametrize("N,K", [(40, 1024), (97, 384), (64, 32)])
+def test_int8_prefill_within_the_int8_rounding_of_x(M, N, K, isa):
+    if not kernels.int8_prefill_available(K):
+        pytest.skip("INT8 prefill products need VNNI")
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    q, scale = quantize_int8(torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g) * torch.logspace(-3, 1, K)
+    wd = dequantize(q, scale, None, 8, None)
+    expected = x @ wd.t()
+    err = (kernels.int8_prefill_matmul(x, q, scale) - expected).abs()
+    bound = _int8_rounding_bound(x, wd, 32) + 1e-5 * (x.abs() @ wd.abs().t())
+    assert (err <= bound).all(), f"{(err / bound).max():.2f} of the bound"
+    assert err.max() > 1e-6 * expected.abs().max()
+
+
 def test_int4_prefill_zero_rows_and_groups():
     q, scale, zero = quantize_int4(torch.randn(16, 64), 32, False)
     x = torch.zeros(3, 64)
@@ -99,8 +115,9 @@ def test_int4_prefill_zero_rows_and_groups():
 
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, True), (4, 64, False)])
 def test_many_rows_take_the_prefill_products(bits, group, symmetric, isa, monkeypatch):
-    # A prefill: INT8 weights are dequantized a block of rows at a time (one block, then three) and
-    # multiplied in float; INT4 products round x to int8 per group.
+    # A prefill: the products round x to int8 per group (INT8 weights: where the CPU has VNNI;
+    # elsewhere they are dequantized a block of rows at a time, one block then three, and
+    # multiplied in float).
     lin = nn.Linear(128, 48, bias=True)
     ql = QuantLinear.from_linear(lin, bits, group, symmetric)
     state = ql.state_dict()
@@ -110,8 +127,8 @@ def test_many_rows_take_the_prefill_products(bits, group, symmetric, isa, monkey
         for rows in (kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 100):  # the loops, then the prefill products
             x = torch.randn(rows, 128)
             y, expected = ql(x), x @ w.t() + lin.bias
-            if bits == 4 and rows >= kernels.DEQUANT_ROWS:
-                assert ((y - expected).abs() <= _int8_rounding_bound(x, w, group) + 1e-5).all()
+            if rows >= kernels.DEQUANT_ROWS and (bits == 4 or kernels.int8_prefill_available(128)):
+                assert ((y - expected).abs() <= _int8_rounding_bound(x, w, group or 32) + 1e-5).all()
             else:
                 _close(y, expected, 1e-5 if bits == 8 else 1e-4)
 
