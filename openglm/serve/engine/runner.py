@@ -76,6 +76,7 @@ class ModelRunner:
         self._placed = [0] * max_batch_size  # when each slot was last given a request
         self.on_layer: Callable[[], None] | None = None  # called between two layers of a decode/packed forward
         self._pausing = False  # inside on_layer: the forwards it runs are not paused in turn
+        self._planned = 0  # forwards planned on the cache so far
 
     def place(self, request: Resident, free: list[int]) -> tuple[int, int]:
         """Give ``request`` (its ``ids`` the prompt) one of the ``free`` slots, with the longest prefix of
@@ -105,12 +106,12 @@ class ModelRunner:
         T = max(map(len, chunks))
         # Left padding repeats a row's first new token: padding keys are never written anyway.
         ids = torch.tensor([c[:1] * (T - len(c)) + c for c in chunks], device=self.device)  # (B', T)
-        pos, mask = self.cache.prepare(slots, [len(c) for c in chunks])
+        pos, mask = self._prepare(slots, [len(c) for c in chunks])
         return self.model(ids, pos, mask, self.cache, logits_to_keep=1)[:, -1]
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One token per slot in one batched forward; logits ``[B', V]``."""
-        pos, mask = self.cache.prepare(slots, [1] * len(slots))
+        pos, mask = self._prepare(slots, [1] * len(slots))
         h = self._layers(torch.tensor([[t] for t in tokens], device=self.device), pos, mask[:, None])  # (B', 1, C)
         return self.model.lm_head(h[:, -1])
 
@@ -118,11 +119,15 @@ class ModelRunner:
         """Feed ``chunks[i]`` to slot ``slots[i]``, all in one row with no padding; logits ``[len(keep), V]``
         of the last tokens of the chunks ``keep`` names."""
         counts = [len(c) for c in chunks]
-        pos, mask = self.cache.prepare_packed(slots, counts)
+        pos, mask = self._prepare(slots, counts, packed=True)
         ids = torch.tensor([[t for c in chunks for t in c]], device=self.device)  # (1, N)
         h = self._layers(ids, pos, mask[:, None])  # (1, N, C)
         ends = torch.tensor(counts).cumsum(0) - 1  # each chunk's last token
         return self.model.lm_head(h[0, ends[keep]])
+
+    def _prepare(self, slots: list[int], counts: list[int], packed: bool = False):
+        self._planned += 1
+        return (self.cache.prepare_packed if packed else self.cache.prepare)(slots, counts)
 
     def _layers(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[B', T, C]``, calling ``on_layer`` after each decoder layer if it is set."""
@@ -138,11 +143,13 @@ class ModelRunner:
     def _between_layers(self, *_) -> None:
         if self._pausing:  # a layer of a forward that on_layer itself runs
             return
-        plan, self._pausing = self.cache.plan, True
+        plan, planned, self._pausing = self.cache.plan, self._planned, True
         try:
             self.on_layer()
         finally:
-            self._pausing, self.cache.plan = False, plan
+            self._pausing = False
+            if self._planned != planned:  # on_layer ran forwards of its own: back to this one's plan
+                self.cache.plan = plan
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingState]) -> list[Sampled]:
         """The next token of each row of ``logits [B', V]``, with its own parameters and generator (rows
