@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from ..services import Services
+from ..store import KeyInfo
 
 
 def services(request: Request) -> Services:
@@ -29,6 +30,6 @@ async def admin(request: Request):
 
 
 Svc = Annotated[Services, Depends(services)]
-Key = Annotated[Any, Depends(api_key)]
-BilledKey = Annotated[Any, Depends(billed_key)]
+Key = Annotated[KeyInfo, Depends(api_key)]
+BilledKey = Annotated[KeyInfo, Depends(billed_key)]
 ADMIN = Depends(admin)
