@@ -27,7 +27,7 @@ with llama.cpp's ``llama-server`` on the same weights: the model is exported wit
 --to gguf --gguf-type f32`` and served by ``llama-server --parallel <batch-size>`` (its continuous
 batching, a context of ``batch-size x (max-tokens + 256)`` tokens shared by the slots) with the same
 thread count; both run at once, idle while the other is measured, and at each concurrency the two
-are measured in turn (the order alternating, ``--rounds`` times) under the same streamed
+are measured in turn, each request on a new loopback connection, (the order alternating, ``--rounds`` times) under the same streamed
 ``/v1/completions`` load. It prints both rows and the ratios openglm / llama-server (output
 tokens/s: higher is better for openglm; TTFT p50: lower is). llama.cpp's tools are found or built as
 bench/llama_cpp_tools.py does. ``--random-weights CONFIG`` serves random weights of a named config
@@ -134,10 +134,14 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return Result(end - start, times[0] - start, tokens, [b - a for a, b in zip(times, times[1:])])
 
 
-async def run_level(url: str, key: str, concurrency: int, n: int, max_tokens: int, rate: float) -> tuple[list, float]:
-    """``n`` requests with at most ``concurrency`` in flight; returns (results, wall seconds)."""
+async def run_level(url: str, key: str, concurrency: int, n: int, max_tokens: int, rate: float,
+                    keepalive: bool = True) -> tuple[list, float]:
+    """``n`` requests with at most ``concurrency`` in flight; returns (results, wall seconds).
+
+    ``keepalive=False``: a new connection per request (a server may close an idle kept-alive one
+    just as the client reuses it, failing the request unsent: seen with two servers side by side)."""
     rng = random.Random(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency if keepalive else 0)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=600, limits=limits) as client:
         async def task(i: int, delay: float) -> Result:
@@ -241,7 +245,7 @@ def peer_run(args, levels: list[int]) -> None:
             servers["llama-server"] = LlamaServer(tools, gguf, args.threads, args.batch_size, context,
                                                   workdir / "llama-server.log")
             for server in servers.values():
-                asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf")))  # warm-up
+                asyncio.run(run_level(server.url, server.key, 1, 2, 8, float("inf"), keepalive=False))  # warm-up
             order = list(servers)
             for c in levels:
                 n = max(c * args.prompts_per_client, args.min_requests)
@@ -249,7 +253,7 @@ def peer_run(args, levels: list[int]) -> None:
                     for label in order:
                         server = servers[label]
                         results, wall = asyncio.run(run_level(server.url, server.key, c, n, args.max_tokens,
-                                                              args.request_rate))
+                                                              args.request_rate, keepalive=False))
                         rows.setdefault((label, c), []).append(summarize(results, wall))
                         r = rows[label, c][-1]
                         print(f"{label:>14} c={c:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1000:7.1f} ms  "
