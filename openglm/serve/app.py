@@ -23,6 +23,7 @@ from .routes import account, admin, conversations, infill, openai, system, web, 
 from .services import EngineBackend, Services
 
 JOBS_SETTLE_SECONDS = 10  # at shutdown, how long the cancelled jobs may take to settle their bills
+DESCRIPTION = "OpenAI-compatible and Zhipu-compatible API for GLM models, with GLM blank infilling."
 
 
 def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | None = None,
@@ -39,7 +40,7 @@ def create_app(engine, store, model_name: str, tokenizer, *, admin_key: str | No
     from the ``swagger-ui-bundle`` package's files, so the page loads nothing from the network.
     """
     services = Services.build(EngineBackend(engine), store, model_name, tokenizer, admin_key)
-    app = app_for(services, max_body_bytes=max_body_bytes, public_metrics=public_metrics, docs=docs)
+    app = app_for(services, backend_lifespan, max_body_bytes=max_body_bytes, public_metrics=public_metrics, docs=docs)
     add_api_routes(app)
     return app
 
@@ -51,31 +52,32 @@ def add_api_routes(app: FastAPI) -> None:
         app.include_router(module.router)
 
 
-def app_for(services: Services, *, max_body_bytes: int = 1 << 20, public_metrics: bool = False,
-            docs: bool = False) -> FastAPI:
-    """An app over ``services`` with no routes yet: its life cycle (the backend started and stopped,
-    running jobs settled at shutdown), error answers and body limit (see ``create_app``)."""
-
-    @asynccontextmanager
-    async def lifespan(app):
-        services.backend.start()
-        yield
-        services.backend.stop()
-        await services.generations.wait_for_jobs(JOBS_SETTLE_SECONDS)
-        services.billing.close()
-
-    app = FastAPI(title="OpenGLM", version=_version(), lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None,
-                  description="OpenAI-compatible and Zhipu-compatible API for GLM models, with GLM blank infilling.",
+def app_for(services, lifespan, *, title: str = "OpenGLM", description: str = DESCRIPTION,
+            max_body_bytes: int = 1 << 20, public_metrics: bool = False, docs: bool = False) -> FastAPI:
+    """An app over ``services`` (``app.state.services``) with no routes yet: its ``lifespan`` (a function
+    of the app, an async context manager), error answers, body limit and Swagger UI (see ``create_app``)."""
+    app = FastAPI(title=title, version=_version(), lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description=description,
                   responses={k: {"model": S.ErrorResponse} for k in (400, 401, 403, 404, 413, 429, 503)})
     app.state.services = services
     app.state.public_metrics, app.state.docs = public_metrics, docs
     _declare_errors_as_sent(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    add_error_handlers(app, services.metrics.errors)
+    add_error_handlers(app)
     if docs:
         system.add_swagger_ui(app)
     return app
+
+
+@asynccontextmanager
+async def backend_lifespan(app: FastAPI):
+    """The generation backend starts with the app; at shutdown it stops, then the jobs it ended settle."""
+    services: Services = app.state.services
+    services.backend.start()
+    yield
+    services.backend.stop()
+    await services.generations.wait_for_jobs(JOBS_SETTLE_SECONDS)
+    services.billing.close()
 
 
 def attach_model(app: FastAPI, engine, tokenizer) -> None:

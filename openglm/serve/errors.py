@@ -84,41 +84,43 @@ def store_error(e: StoreError) -> APIError:
                     if e.code == "1231" else None, zhipu=e.code)
 
 
-def add_error_handlers(app: FastAPI, errors_by_status) -> None:
-    """Answer every failure of ``app`` with an ``APIError`` body; ``errors_by_status`` (a Prometheus
-    counter with a status label) counts them."""
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every failure of ``app`` with an ``APIError`` body, counted in its services' metrics."""
+    app.add_exception_handler(APIError, _answer)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(ClientGone, _gone)
+    app.add_exception_handler(OpenGLMError, _openglm)
+    app.add_exception_handler(Exception, _crash)
 
-    def answer(request: Request, err: APIError) -> Response:
-        errors_by_status.labels(str(err.status)).inc()
-        return err.response(request.url.path)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return answer(request, e)
+async def _answer(request: Request, err: APIError) -> Response:
+    request.app.state.services.metrics.errors.labels(str(err.status)).inc()
+    return err.response(request.url.path)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        return answer(request, _validation_error(e.errors()))
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, e: HTTPException):
-        message = e.detail if isinstance(e.detail, str) else "invalid request"
-        if e.status_code == 400:  # Starlette's own: a body it could not read (e.g. not UTF-8)
-            message = f"the request body could not be read: {message}"
-        return answer(request, APIError(e.status_code, message, headers=dict(e.headers or {})))
+async def _invalid(request: Request, e: RequestValidationError) -> Response:
+    return await _answer(request, _validation_error(e.errors()))
 
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, e: ClientGone):
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
-    @app.exception_handler(OpenGLMError)
-    async def _openglm(request: Request, e: OpenGLMError):  # a message our own code raised about the input
-        return answer(request, APIError(400, str(e)))
+async def _http(request: Request, e: HTTPException) -> Response:
+    message = e.detail if isinstance(e.detail, str) else "invalid request"
+    if e.status_code == 400:  # Starlette's own: a body it could not read (e.g. not UTF-8)
+        message = f"the request body could not be read: {message}"
+    return await _answer(request, APIError(e.status_code, message, headers=dict(e.headers or {})))
 
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return answer(request, APIError(500, "internal server error", "server_error"))
+
+async def _gone(request: Request, e: ClientGone) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+async def _openglm(request: Request, e: OpenGLMError) -> Response:  # a message our own code raised about the input
+    return await _answer(request, APIError(400, str(e)))
+
+
+async def _crash(request: Request, e: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return await _answer(request, APIError(500, "internal server error", "server_error"))
 
 
 def _validation_error(errors: list[dict]) -> APIError:

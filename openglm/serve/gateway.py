@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 from anyio import to_thread
 from fastapi import APIRouter, FastAPI
 
-from . import schemas as S
-from .app import _declare_errors_as_sent, _version
+from .app import app_for
 from .conversations import Conversations
-from .errors import add_error_handlers
 from .metrics import Metrics
-from .middleware import BodyLimit
 from .routes import account, admin, conversations, openai, system, web, zhipu
 from .routes.deps import ADMIN, Svc
 from .services.auth import Auth
@@ -90,16 +87,9 @@ def create_gateway_app(pool: UpstreamPool, store, *, admin_key: str | None = Non
         forwarder.close()
         await pool.close()
 
-    app = FastAPI(title="OpenGLM gateway", version=_version(), lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, description="OpenAI-compatible and Zhipu-compatible API over upstream servers.",
-                  responses={k: {"model": S.ErrorResponse} for k in (400, 401, 403, 404, 413, 429, 503)})
-    app.state.services = services
-    app.state.public_metrics, app.state.docs = public_metrics, docs
-    _declare_errors_as_sent(app)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    add_error_handlers(app, metrics.errors)
-    if docs:
-        system.add_swagger_ui(app)
+    app = app_for(services, lifespan, title="OpenGLM gateway",
+                  description="OpenAI-compatible and Zhipu-compatible API over upstream servers.",
+                  max_body_bytes=max_body_bytes, public_metrics=public_metrics, docs=docs)
     web.mount_static(app)
     for module in (web, conversations, account, system, openai, zhipu, admin):
         app.include_router(module.router)

@@ -69,13 +69,13 @@ def create_worker_app(engine, tokenizer, model_name: str, *, worker_key: str | N
     server's own OpenAI routes, unmetered, and a ``/health`` that reports the engine's load."""
     from fastapi import APIRouter
 
-    from .app import app_for
+    from .app import app_for, backend_lifespan
     from .routes import openai, system
     from .routes.deps import api_key
     from .services import EngineBackend, Services
 
     services = Services.build(EngineBackend(engine), Unmetered(worker_key), model_name, tokenizer, None)
-    app = app_for(services, max_body_bytes=max_body_bytes)
+    app = app_for(services, backend_lifespan, max_body_bytes=max_body_bytes)
     kept = [route for module in (openai, system) for route in module.router.routes if route.path in WORKER_ROUTES]
     app.include_router(APIRouter(routes=kept))
 

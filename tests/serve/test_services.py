@@ -113,7 +113,7 @@ class ReverseBackend:
 @pytest.fixture
 def reversed_server(tokenizer, tmp_path):
     """The server's routes over ``ReverseBackend``, with a real store; yields (url, store, key, account, backend)."""
-    from openglm.serve.app import add_api_routes, app_for
+    from openglm.serve.app import add_api_routes, app_for, backend_lifespan
     from openglm.serve.services import Services
     from openglm.serve.store import Store
 
@@ -122,7 +122,7 @@ def reversed_server(tokenizer, tmp_path):
     account = store.create_account("seam", 10**9)
     _, secret = store.create_key(account.id)
     backend = ReverseBackend(tokenizer, delay=0.01)
-    app = app_for(Services.build(backend, store, "rev", tokenizer, None))
+    app = app_for(Services.build(backend, store, "rev", tokenizer, None), backend_lifespan)
     add_api_routes(app)
     try:
         with LiveServer(app) as server:
