@@ -612,3 +612,15 @@ def test_the_same_prompt_again_feeds_its_last_token_only(model, tokenizer, monke
 
     again = serve(model, tokenizer, scenario)
     assert fed == [len(ids), 1] and again[0] == again[1] == alone(model, tokenizer, ids, greedy(6))[0]
+
+
+def test_cached_prefixes_are_shared_within_a_cache_scope_only(model, tokenizer, monkeypatch):
+    ids = tokenizer.encode(PROMPTS[2])
+    fed = fed_prompt_tokens(monkeypatch)
+
+    async def scenario(engine):
+        for scope in ("a", "b", None, "a"):
+            await engine.submit(EngineRequest(ids, greedy(2), cache_scope=scope)).result()
+
+    serve(model, tokenizer, scenario)
+    assert fed == [len(ids)] * 3 + [1]  # "b" and no scope prefill again; "a" again does not

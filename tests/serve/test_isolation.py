@@ -186,3 +186,20 @@ def test_long_prompts_are_tokenized_off_the_event_loop_and_only_for_a_key_that_m
                 assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
             assert max(latencies) < SLOWEST_HEALTH, (path, latencies)
             print(f"{path}: {r.status_code} in {took:.2f} s; /health at most {max(latencies) * 1000:.0f} ms")
+
+
+def test_accounts_do_not_share_cached_prompt_prefixes(tiny_checkpoint, tmp_path):
+    # A prompt another account sent is prefilled again: a faster first token would tell that it was
+    # sent. The same account's own earlier prompt is not.
+    with serving(tiny_checkpoint, f"sqlite:///{tmp_path / 'prefix.db'}", engine_process=False) as (
+            server, store, secret_a, _):
+        _, secret_b = store.create_key(store.create_account("other", 10**9).id)
+        engine = server.server.config.app.state.services.backend.engine
+        body = {"model": "tiny", "prompt": "The General Language Model fills in blanks", "max_tokens": 2}
+        reused = []
+        for secret in (secret_a, secret_b, secret_a):
+            r = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            reused.append(engine.core.prefix_tokens)
+    assert reused[0] == reused[1] == 0 < reused[2]

@@ -65,6 +65,10 @@ class RequestState:
         return self.request.logprobs
 
     @property
+    def cache_scope(self) -> str | None:
+        return self.request.cache_scope
+
+    @property
     def cached(self) -> int:
         """Tokens of the row in the cache: the prompt fed so far, then every generated token but the last."""
         return self.prefilled if self.prefilled < self.prompt_len else len(self.ids) - 1

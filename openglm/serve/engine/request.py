@@ -19,6 +19,9 @@ class EngineRequest:
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's logprob and the top-k alternatives
     timeout: float | None = None  # seconds from submit; on expiry the request ends with finish_reason "timeout"
     request_id: str = field(default_factory=lambda: uuid4().hex)
+    # A request reuses the cached prompt prefixes of requests with the same scope only (say, an
+    # account's), so that nobody learns from a faster first token what another tenant sent.
+    cache_scope: str | None = None
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ class Resident(Protocol):
     """What a slot's keys are of: a request's tokens, the first ``cached`` of them in the cache."""
 
     ids: list[int]
+    cache_scope: str | None  # prefixes are shared between requests of the same scope only
 
     @property
     def cached(self) -> int: ...
@@ -80,16 +81,19 @@ class ModelRunner:
 
     def place(self, request: Resident, free: list[int]) -> tuple[int, int]:
         """Give ``request`` (its ``ids`` the prompt) one of the ``free`` slots, with the longest prefix of
-        its prompt that some slot holds already (a shared system prompt, an earlier turn) in the cache:
-        that slot if it is free, else a copy of it. Returns (slot, prompt tokens cached).
+        its prompt that some slot holds already (a shared system prompt, an earlier turn) for a request
+        of the same ``cache_scope``: that slot if it is free, else a copy of it. Returns (slot, prompt
+        tokens cached).
 
         What a slot holds is read off its last request, running or ended: the first ``cached`` of its
         ``ids``. One prompt token at least is left to feed, for the logits of the first new token.
         """
-        prompt, limit = request.ids, len(request.ids) - 1
+        prompt, limit, scope = request.ids, len(request.ids) - 1, request.cache_scope
         source, best = None, 0
         for slot, row in enumerate(self._rows):
-            if row is not None and (n := _common_prefix(row.ids, min(row.cached, limit), prompt)) > best:
+            if row is None or row.cache_scope != scope:
+                continue
+            if (n := _common_prefix(row.ids, min(row.cached, limit), prompt)) > best:
                 source, best = slot, n
         if source in free:
             slot = source

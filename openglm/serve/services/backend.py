@@ -56,8 +56,10 @@ class GenerationBackend(Protocol):
     def num_waiting(self) -> int:
         """Generations queued for a slot (a metric)."""
 
-    def submit(self, prompt: list[int], params: SamplingParams, logprobs: int | None) -> Handle:
-        """Start one generation of ``prompt``'s continuation (``logprobs``: None, or k alternatives)."""
+    def submit(self, prompt: list[int], params: SamplingParams, logprobs: int | None,
+               cache_scope: str | None = None) -> Handle:
+        """Start one generation of ``prompt``'s continuation (``logprobs``: None, or k alternatives);
+        it reuses cached prompt prefixes of generations with the same ``cache_scope`` only."""
 
     async def run_on_model(self, fn, *args, with_tokenizer: bool = False) -> Any:
         """``fn(model, *args)``, or ``fn(model, tokenizer, *args)``, where the model is, between
@@ -94,11 +96,12 @@ class EngineBackend:
     def num_waiting(self) -> int:
         return getattr(self.engine, "num_waiting", 0)
 
-    def submit(self, prompt: list[int], params: SamplingParams, logprobs: int | None):
+    def submit(self, prompt: list[int], params: SamplingParams, logprobs: int | None,
+               cache_scope: str | None = None):
         # The engine request's id is its own (EngineRequest makes one), never the client's request_id:
         # that one is unique per account only.
         try:
-            return self.ready().submit(EngineRequest(prompt, params, logprobs))
+            return self.ready().submit(EngineRequest(prompt, params, logprobs, cache_scope=cache_scope))
         except PromptTooLong as e:
             raise APIError(400, str(e), code="context_length_exceeded", zhipu="1261") from None
         except EngineFull as e:

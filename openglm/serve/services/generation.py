@@ -206,8 +206,9 @@ class Generations:
             for ids in prompts:
                 for j in range(n):
                     seed = None if params.seed is None else params.seed + j  # n samples, not n copies
+                    # An account reuses its own cached prompt prefixes only (no timing side channel).
                     handles.append(self.backend.submit(ids, SamplingParams(**{**vars(params), "seed": seed}),
-                                                       logprobs))
+                                                       logprobs, cache_scope=str(key.account_id)))
         except BaseException:
             for handle in handles:
                 handle.cancel()
