@@ -328,7 +328,8 @@ class EngineCore:
 
     def _prefill(self, batch: list[tuple[RequestState, int]]) -> None:
         """Feed the planned prompt chunks in one left-padded forward; prompts that end emit their first token."""
-        logits = self.runner.prefill([s.slot for s, _ in batch], [s.ids[s.prefilled : s.prefilled + n] for s, n in batch])
+        chunks = [s.ids[s.prefilled : s.prefilled + n] for s, n in batch]
+        logits = self.runner.prefill([s.slot for s, _ in batch], chunks)
         done = self._fed(batch)
         if done:
             self._emit([batch[i][0] for i in done], logits if len(done) == len(batch) else logits[done])
