@@ -132,11 +132,12 @@ class Forwarder:
         messages = [m.to_template() for m in body.messages]
         check_chat_size(messages, tools)
         billing = self.billing(model)
-        await billing.check(key, opts.request_id, 1, (opts.max_tokens or 1) * opts.n)
         tokenizer = await self.tokenizer(model)
         if tokenizer is not None:
             from ...data.chat import render_prompt
 
+            # Rendering costs time in the chat's size: only for a key that may run the request at all.
+            await billing.check(key, opts.request_id, 1, (opts.max_tokens or 1) * opts.n)
             ids = await to_thread.run_sync(render_prompt, tokenizer, messages, tools, limiter=self.threads)
             prompt_tokens = len(ids)
         else:
@@ -160,11 +161,11 @@ class Forwarder:
         self.check_model(model)
         billing = self.billing(model)
         prompts = body.prompts
-        least = (1 if body.max_tokens is None else body.max_tokens) * body.n * len(prompts)
-        await billing.check(key, None, 1, least)
         tokenizer = await self.tokenizer(model)
         texts = [p for p in prompts if isinstance(p, str)]
         if tokenizer is not None and texts:
+            least = (1 if body.max_tokens is None else body.max_tokens) * body.n * len(prompts)
+            await billing.check(key, None, 1, least)  # before tokenizing, as the chat checks before rendering
             counted = iter(await to_thread.run_sync(
                 lambda: [len(tokenizer.encode(t)) for t in texts], limiter=self.threads))
             lengths = [next(counted) if isinstance(p, str) else len(p) for p in prompts]
@@ -188,10 +189,10 @@ class Forwarder:
         inputs = body.input if isinstance(body.input, list) else [body.input]
         if inputs and isinstance(inputs[0], int):
             inputs = [inputs]
-        await billing.check(key, None, 1, 0)
         tokenizer = await self.tokenizer(model)
         texts = [t for t in inputs if isinstance(t, str)]
         if tokenizer is not None and texts:
+            await billing.check(key, None, 1, 0)
             prompt_tokens = sum(await to_thread.run_sync(lambda: [len(tokenizer.encode(t)) for t in texts],
                                                          limiter=self.threads))
         else:
@@ -361,6 +362,12 @@ def _our_tokenizer(model: str):
     from ...model.checkpoint import checkpoint_dir
 
     try:
-        return load_tokenizer(checkpoint_dir(model))
-    except (OpenGLMError, OSError):
+        directory = checkpoint_dir(model)
+    except OpenGLMError:
+        return None
+    try:
+        return load_tokenizer(directory)
+    except Exception as e:  # a folder of that name that holds no tokenizer of ours: the model is not ours
+        log.info("model %r: %s is no checkpoint of ours (%s); its prompts are bounded, not counted", model,
+                 directory, e)
         return None
