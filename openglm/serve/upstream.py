@@ -127,6 +127,7 @@ class UpstreamPool:
         self.timeout = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT)
         self.client: httpx.AsyncClient | None = None
         self._watcher: asyncio.Task | None = None
+        self._checks: set[asyncio.Task] = set()
 
     @property
     def num_running(self) -> int:
@@ -238,7 +239,9 @@ class UpstreamPool:
         if error.status in (401, 403) or (error.status >= 500 and error.status != 503):
             self.take_out(u, f"answered {error.status}: {error.message}")
         elif error.status == 404:  # its models changed: check it again now
-            asyncio.get_running_loop().create_task(self.check(u))
+            task = asyncio.get_running_loop().create_task(self.check(u))
+            self._checks.add(task)  # a strong reference until it ends (the loop keeps weak ones)
+            task.add_done_callback(self._checks.discard)
         return error.status >= 500 or error.status in _RETRYABLE
 
     async def complete(self, path: str, body: dict, model: str) -> dict:
@@ -318,12 +321,14 @@ class UpstreamStream:
                         raise last
                     done = False
                     async for line in r.aiter_lines():
-                        if not line.startswith("data:"):
+                        # Read on to the end of the body past [DONE] (nothing, normally): a response
+                        # left unread would close its connection instead of keeping it for the next.
+                        if done or not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
                         if data == "[DONE]":
                             done = True
-                            break
+                            continue
                         chunk = json.loads(data)
                         if not isinstance(chunk, dict):
                             raise ValueError(f"a stream chunk that is not an object: {data[:100]}")
