@@ -619,3 +619,31 @@ def test_gateway_bills_a_cut_stream_for_what_its_client_received(tmp_path):
     assert (totals["requests"], totals["prompt_tokens"], totals["completion_tokens"]) == \
         (1, usage.prompt_tokens, 3)
     store.close()
+
+
+def test_openglm_serve_upstream_starts_a_gateway_with_a_demo_key(tiny_checkpoint, tmp_path):
+    import re
+
+    from openai import OpenAI
+
+    for bad, message in ((["--upstream", "localhost:8001"], "not an http:// or https:// URL"),
+                         (["--upstream", "http://127.0.0.1:9", "--model", "glm-tiny"], "do not go with --upstream")):
+        done = Process("serve", *bad, "--db", f"sqlite:///{tmp_path / 'bad.db'}")
+        assert done.proc.wait(60) == 1
+        output = done.proc.stdout.read()
+        assert output.startswith("openglm: error: ") and message in output and "Traceback" not in output
+    with LiveServer(worker_app(tiny_checkpoint)) as worker:
+        gateway = Process("serve", "--upstream", worker.url, "--upstream-key", WORKER_KEY, "--db",
+                          f"sqlite:///{tmp_path / 'gw.db'}")
+        try:
+            key = None
+            for line in gateway.proc.stdout:  # an empty database: the demo account, priced for the upstream's model
+                if m := re.match(r"API key: (\S+)", line):
+                    key = m.group(1)
+                    break
+            assert key, "the gateway printed no demo key"
+            gateway.wait_healthy()
+            answer = OpenAI(base_url=gateway.url + "/v1", api_key=key).chat.completions.create(**chat_body(False))
+            assert answer.usage.completion_tokens == 8
+        finally:
+            gateway.stop()
