@@ -322,6 +322,11 @@ def test_gateway_answers_and_bills_like_the_embedded_server(tiny_checkpoint, tmp
         assert first.status_code == 200 and first.json()["request_id"] == "zhipu-once"
         again = httpx.post(gw.url + ZHIPU, json=zhipu, headers=headers, timeout=30)
         assert again.status_code == 400 and again.json()["error"]["code"] == "1231"
+        with httpx.stream("POST", gw.url + ZHIPU, json={**zhipu, "request_id": "zhipu-streamed", "stream": True},
+                          headers=headers, timeout=30) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert {e["request_id"] for e in events} == {"zhipu-streamed"}
+        assert events[-1]["usage"]["completion_tokens"] == 4  # Zhipu's streams always end with usage
         unknown = httpx.post(gw.url + ZHIPU, json={**zhipu, "model": "nope", "request_id": "zhipu-unknown-model"}, headers=headers)
         assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "1211"
         # no balance: 429 insufficient_quota before anything reaches an upstream
@@ -330,13 +335,15 @@ def test_gateway_answers_and_bills_like_the_embedded_server(tiny_checkpoint, tmp
             OpenAI(base_url=gw.url + "/v1", api_key=poor, max_retries=0).chat.completions.create(**chat_body(False))
         assert refused.value.code == "insufficient_quota"
         upstreams = httpx.get(gw.url + "/admin/upstreams", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
-        assert sum(u["requests"] for u in upstreams["data"]) == 6 and all(u["healthy"] for u in upstreams["data"])
+        assert sum(u["requests"] for u in upstreams["data"]) == 7 and all(u["healthy"] for u in upstreams["data"])
         wait_settled(store)
         totals = store.ledger_totals(account)
-        billed = [whole.usage, chunks[-1].usage, text.usage, first.json()["usage"]]
+        billed = [whole.usage, chunks[-1].usage, text.usage, first.json()["usage"], events[-1]["usage"]]
         completion = sum(u["completion_tokens"] if isinstance(u, dict) else u.completion_tokens for u in billed)
-        assert totals["requests"] == 6  # the four above, the unasked-usage stream and the embeddings
+        assert totals["requests"] == 7  # the five above, the unasked-usage stream and the embeddings
         assert totals["completion_tokens"] == completion + 8  # + the unasked-usage stream's 8
+        metrics = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+        assert f"openglm_generation_tokens_total {float(completion + 8)}" in metrics
     store.close()
 
 
