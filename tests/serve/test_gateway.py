@@ -42,8 +42,8 @@ class PortServer(LiveServer):
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
 
-def broken_upstream(tokens_before_break: int, status: int = 200):
-    """A real HTTP server that looks healthy (``/health``, ``/v1/models`` serving "tiny", many free
+def broken_upstream(tokens_before_break: int, status: int = 200, model: str = "tiny"):
+    """A real HTTP server that looks healthy (``/health``, ``/v1/models`` serving ``model``, many free
     slots, so that it is picked first) and breaks every generation: answers ``status`` if it is not
     200, else streams the role chunk and ``tokens_before_break`` token chunks, then drops the connection."""
     served = []
@@ -63,7 +63,7 @@ def broken_upstream(tokens_before_break: int, status: int = 200):
         if scope["path"] == "/health":
             return await reply(200, {"status": "ok", "running": 0, "waiting": 0, "free_slots": 64})
         if scope["path"] == "/v1/models":
-            return await reply(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+            return await reply(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
         served.append(scope["path"])
         if status != 200:
             return await reply(status, {"error": {"message": "the engine is not running", "type": "server_error"}})
@@ -654,3 +654,41 @@ def test_openglm_serve_upstream_starts_a_gateway_with_a_demo_key(tiny_checkpoint
             assert answer.usage.completion_tokens == 8
         finally:
             gateway.stop()
+
+
+def test_gateway_counts_tokens_itself_where_the_model_is_ours(tmp_path):
+    from openai import APIError, BadRequestError, OpenAI
+    from openglm import load_tokenizer
+    from openglm.model.checkpoint import checkpoint_dir
+    from openglm.serve.store import Store
+
+    ours = "glm-tiny-chat"  # a bundled checkpoint: the gateway reads its tokenizer
+    tokenizer = load_tokenizer(checkpoint_dir(ours))
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    account, secret = new_key(store)
+    body = {**chat_body(True), "model": ours}
+    with LiveServer(worker_app(checkpoint_dir(ours), name=ours)) as worker, \
+            LiveServer(gateway_app([worker.url], store)) as gw:
+        client = OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0)
+        # the prompt is counted exactly: one that leaves no room in the worker's 256 positions is refused here
+        with pytest.raises(BadRequestError, match="exceeds the model's context of 256"):
+            client.chat.completions.create(**{**body, "stream": False, "max_tokens": 250})
+        upstreams = httpx.get(gw.url + "/admin/upstreams", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert upstreams["data"][0]["requests"] == 0  # never forwarded
+        usage = list(client.chat.completions.create(**body))[-1].usage
+        wait_settled(store)
+        assert store.ledger_totals(account)["prompt_tokens"] == usage.prompt_tokens
+    # a stream cut without usage: its completion counted with the model's tokenizer, not per chunk
+    store.close()
+    store = Store(f"sqlite:///{tmp_path / 'cut.db'}")
+    account, secret = new_key(store)
+    with PortServer(broken_upstream(3, model=ours)) as bad, LiveServer(gateway_app([bad.url], store)) as gw:
+        got = []
+        with pytest.raises(APIError):
+            for chunk in OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0).chat.completions.create(
+                    **body):
+                got.append(chunk)
+    assert got[-1].usage.completion_tokens == len(tokenizer.encode("t0 t1 t2 ")) != 3
+    wait_settled(store)
+    assert store.ledger_totals(account)["completion_tokens"] == got[-1].usage.completion_tokens
+    store.close()
