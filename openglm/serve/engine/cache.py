@@ -20,10 +20,18 @@ class SlotKVCache(KVCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lengths = [0] * self.k.shape[1]  # positions filled per slot, kept on the host
-        # The planned forward: which of its [B', T] queries are real tokens, and their slots and positions [N].
-        self._write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The planned forward: which of its [B', T] queries are real tokens (None: all, T = 1), and
+        # their slots and positions [N].
+        self._write: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
         self._read: slice | torch.Tensor = slice(0)  # the forward's slots: a slice (a view) when consecutive
         self._keys = 0  # S: keys returned per row, the longest planned row
+        # Made once, not at every layer of every step: each layer's buffers, and as
+        # [slots, max_length, K, D] views whose (slot, position) pairs index_put_ writes directly.
+        self._layers = [(self.k[i], self.v[i], self.k[i].transpose(1, 2), self.v[i].transpose(1, 2))
+                        for i in range(self.k.shape[0])]
+        self._arange = torch.arange(self.max_length, device=self.device)
+        self._rows: list[int] = []  # the last decode's slots, and their tensor
+        self._slots = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def prepare(self, rows: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plan a forward adding ``counts[i]`` tokens to slot ``rows[i]``, and count them as filled.
@@ -50,6 +58,23 @@ class SlotKVCache(KVCache):
         for r, n in zip(rows, counts):
             self.lengths[r] += n
         return pos, mask
+
+    def prepare_decode(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prepare(rows, [1] * len(rows))`` for a decode step, in a few operations: returns
+        ``position_ids [B', 1]`` and ``attention_mask [B', 1, S]``, the same values ``prepare`` gives."""
+        if rows != self._rows:  # the batch changed: its slots as a tensor, kept for the next steps
+            self._rows, self._slots = list(rows), torch.tensor(rows, device=self.device)
+        lengths = self.lengths
+        starts = [lengths[r] for r in rows]
+        pos = torch.tensor(starts, device=self.device)  # (B',)
+        self._keys = max(starts) + 1
+        mask = self._arange[: self._keys] <= pos[:, None]  # (B', S)
+        self._write = (None, self._slots, pos)
+        consecutive = rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1))
+        self._read = slice(rows[0], rows[0] + len(rows)) if consecutive else self._slots
+        for r in rows:
+            lengths[r] += 1
+        return pos[:, None], mask[:, None]
 
     def prepare_packed(self, rows: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plan a forward of one packed row: ``counts[i]`` tokens for slot ``rows[i]``, one slot after
@@ -87,14 +112,19 @@ class SlotKVCache(KVCache):
         """Write the real tokens of ``k, v [B', K, T, D]`` at their planned positions; return the
         planned rows' keys/values ``[B', K, S, D]`` (packed: ``[1, K, S, D]``, the slots end to end)."""
         real, slots, pos = self._write
-        # Indices on dims 0 and 2 of [slots, K, max_length, D] select (N, K, D), as k.transpose(1, 2)[real] is.
-        self.k[layer][slots, :, pos] = k.transpose(1, 2)[real]
-        self.v[layer][slots, :, pos] = v.transpose(1, 2)[real]
+        k_all, v_all, k_rows, v_rows = self._layers[layer]
+        # (slot, position) pairs index [slots, max_length, K, D] to (N, K, D), as k.transpose(1, 2)[real] is.
+        if real is None:  # a decode step: one real token per row
+            k_rows.index_put_((slots, pos), k[:, :, 0])
+            v_rows.index_put_((slots, pos), v[:, :, 0])
+        else:
+            k_rows.index_put_((slots, pos), k.transpose(1, 2)[real])
+            v_rows.index_put_((slots, pos), v.transpose(1, 2)[real])
         if isinstance(self._read, tuple):  # packed: gather each slot's keys, (S, K, D) -> (1, K, S, D)
             key_slots, key_pos = self._read
-            return (self.k[layer][key_slots, :, key_pos].transpose(0, 1)[None],
-                    self.v[layer][key_slots, :, key_pos].transpose(0, 1)[None])
-        return self.k[layer][self._read, :, : self._keys], self.v[layer][self._read, :, : self._keys]
+            return (k_all[key_slots, :, key_pos].transpose(0, 1)[None],
+                    v_all[key_slots, :, key_pos].transpose(0, 1)[None])
+        return k_all[self._read, :, : self._keys], v_all[self._read, :, : self._keys]
 
     @property
     def plan(self) -> tuple:
@@ -129,6 +159,8 @@ class SlotLatentKVCache(SlotKVCache, LatentKVCache):
         LatentKVCache.__init__(self, *args, **kwargs)  # its buffers, not KVCache's
         self.lengths = [0] * self.latent.shape[1]
         self._write, self._read, self._keys = None, slice(0), 0
+        self._arange = torch.arange(self.max_length, device=self.device)
+        self._rows, self._slots = [], torch.zeros(0, dtype=torch.long, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -138,7 +170,7 @@ class SlotLatentKVCache(SlotKVCache, LatentKVCache):
         """Write the real tokens of ``x [B', T, W]`` into ``buffer [slots, max_length, W]`` at their planned
         positions; return the planned rows' entries ``[B', S, W]`` (packed: ``[1, S, W]``, the slots end to end)."""
         real, slots, pos = self._write
-        buffer[slots, pos] = x[real]
+        buffer.index_put_((slots, pos), x[:, 0] if real is None else x[real])
         if isinstance(self._read, tuple):
             key_slots, key_pos = self._read
             return buffer[key_slots, key_pos][None]

@@ -115,8 +115,9 @@ class ModelRunner:
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One token per slot in one batched forward; logits ``[B', V]``."""
-        pos, mask = self._prepare(slots, [1] * len(slots))
-        h = self._layers(torch.tensor([[t] for t in tokens], device=self.device), pos, mask[:, None])  # (B', 1, C)
+        self._planned += 1
+        pos, mask = self.cache.prepare_decode(slots)
+        h = self._layers(torch.tensor(tokens, device=self.device)[:, None], pos, mask[:, None])  # (B', 1, C)
         return self.model.lm_head(h[:, -1])
 
     def packed(self, slots: list[int], chunks: list[list[int]], keep: list[int]) -> torch.Tensor:
