@@ -152,6 +152,8 @@ class _Sampling(_Request):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     seed: Annotated[int, Field(ge=0, lt=2**53)] | None = None  # exact in JSON numbers
+    # vLLM's field: cached prompt prefixes are reused only between requests of one account and one salt
+    cache_salt: Annotated[str, Field(max_length=256)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

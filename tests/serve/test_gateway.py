@@ -692,3 +692,28 @@ def test_gateway_counts_tokens_itself_where_the_model_is_ours(tmp_path):
     wait_settled(store)
     assert store.ledger_totals(account)["completion_tokens"] == got[-1].usage.completion_tokens
     store.close()
+
+
+def test_tenants_behind_a_gateway_do_not_share_cached_prompt_prefixes(tiny_checkpoint, tmp_path):
+    # Every request reaches the worker under its one key; the gateway's cache_salt keeps another
+    # account's prompt from being served faster from the cache (a timing side channel).
+    from openglm.serve.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    _, secret_a = new_key(store)
+    _, secret_b = new_key(store)
+    app = worker_app(tiny_checkpoint)
+    with LiveServer(app) as worker, LiveServer(gateway_app([worker.url], store)) as gw:
+        engine = app.state.services.backend.engine
+        body = {"model": "tiny", "prompt": "The General Language Model fills in blanks", "max_tokens": 2}
+        reused = []
+        for secret in (secret_a, secret_b, secret_a):
+            r = httpx.post(gw.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            reused.append(engine.core.prefix_tokens)
+        salted = httpx.post(gw.url + "/v1/completions", json=body | {"cache_salt": "mine"},
+                            headers={"Authorization": f"Bearer {secret_a}"}, timeout=60)
+        assert salted.status_code == 200, salted.text
+    assert reused[0] == reused[1] == 0 < reused[2]
+    assert engine.core.prefix_tokens == reused[2]  # a salt of its own: the account's cache is not used

@@ -54,7 +54,7 @@ class Chat:
                                 top_p=body.top_p, seed=body.seed, stop_token_ids=self.tokens.end_of_turn_ids(),
                                 stop_strings=body.stop_strings)
         job, headers = await gen.start(key, [ids], opts.n, params, opts.logprobs, opts.request_id, body.stream,
-                                       arrived)
+                                       arrived, body.cache_salt)
         answer = _Answer(self, job, opts, tools)
         if not body.stream:
             choices = await gen.collect(request, job, opts.n)

@@ -41,7 +41,8 @@ class Completions:
 
         params = SamplingParams(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop_strings=body.stop_strings)
-        job, headers = await gen.start(key, prompts, body.n, params, body.logprobs, None, body.stream, arrived)
+        job, headers = await gen.start(key, prompts, body.n, params, body.logprobs, None, body.stream, arrived,
+                                       body.cache_salt)
         answer.id = f"cmpl-{job.request_id}"
         if answer.scored:  # the prompts are billed by the job; scoring them is a forward of its own
             try:

@@ -32,6 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..errors import APIError, ClientGone
 from ..upstream import StreamCut, UpstreamError, UpstreamPool, UpstreamStream
 from .billing import Billing
+from .generation import cache_scope
 from .tokens import RENDER_THREADS, check_chat_size
 
 log = logging.getLogger("openglm.serve")
@@ -209,6 +210,9 @@ class Forwarder:
                    include_usage: bool, tokenizer, arrived: float, *, zhipu: bool) -> Response:
         """Reserve, forward, settle: the answer to a chat or completion request."""
         reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
+        # The upstream sees every tenant under one key: the salt keeps cached prefixes per account
+        # (on an openglm worker, on vLLM; other servers ignore it).
+        upstream["cache_salt"] = cache_scope(key, upstream.get("cache_salt"))
         head["id"] = f"{head.pop('id_prefix')}{reservation.request_id}"
         if zhipu:
             head["request_id"] = request_id or reservation.request_id

@@ -45,6 +45,13 @@ class Choice:
         return "".join(self.parts)
 
 
+def cache_scope(key, salt: str | None) -> str:
+    """Who may reuse whose cached prompt prefixes: one account (a faster first token would tell one
+    tenant what another sent), narrowed further by the request's ``cache_salt``. Behind a gateway
+    every request reaches the worker under its one key; the gateway's salt names the account."""
+    return f"{key.account_id}" if salt is None else f"{key.account_id}:{salt}"
+
+
 def finish_reason(engine_reason: str | None) -> str | None:
     """OpenAI's finish reason for the engine's."""
     return _FINISH.get(engine_reason, engine_reason)
@@ -193,7 +200,8 @@ class Generations:
     # ---------------------------------------------------------------------------- running
 
     async def start(self, key, prompts: list[list[int]], n: int, params: SamplingParams, logprobs: int | None,
-                    request_id: str | None, stream: bool, arrived: float) -> tuple[Job, dict[str, str]]:
+                    request_id: str | None, stream: bool, arrived: float,
+                    cache_salt: str | None = None) -> tuple[Job, dict[str, str]]:
         """Reserve, then submit ``n`` generations per prompt (choice ``p * n + j``); returns the job and
         the key's rate-limit headers."""
         self.backend.ready()
@@ -201,6 +209,7 @@ class Generations:
         prompt_tokens = sum(len(p) for p in prompts)
         reservation = await self.billing.reserve(key, request_id, prompt_tokens,
                                                  params.max_new_tokens * n * len(prompts), stream)
+        scope = cache_scope(key, cache_salt)
         handles = []
         try:
             for ids in prompts:
@@ -208,7 +217,7 @@ class Generations:
                     seed = None if params.seed is None else params.seed + j  # n samples, not n copies
                     # An account reuses its own cached prompt prefixes only (no timing side channel).
                     handles.append(self.backend.submit(ids, SamplingParams(**{**vars(params), "seed": seed}),
-                                                       logprobs, cache_scope=str(key.account_id)))
+                                                       logprobs, cache_scope=scope))
         except BaseException:
             for handle in handles:
                 handle.cancel()
