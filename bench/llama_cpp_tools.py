@@ -9,8 +9,8 @@ there from the llama.cpp sources vendored in the ``llama-cpp-python`` sdist (``p
 --no-binary :all: --no-deps llama-cpp-python==<version>``), which is about 15-25 minutes on two cores;
 one build at a time (a lock file), the binaries cached.
 
-The build names its instruction sets (AVX2, FMA, F16C, AVX-512 with VNNI and BF16) instead of
-``GGML_NATIVE``, and leaves AMX off: on CPUs that list AMX in some VMs, a native build dies with
+The build names the instruction sets this CPU has (AVX2, FMA, F16C, AVX-512 with VNNI and BF16)
+instead of ``GGML_NATIVE``, and leaves AMX off: on CPUs that list AMX in some VMs, a native build dies with
 SIGILL. With these sets llama.cpp repacks its weights into its fastest CPU layouts.
 """
 
@@ -30,9 +30,26 @@ from pathlib import Path
 
 VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp is built
 TOOLS = ("llama-bench", "llama-server")
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-               "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF",
-               "-DGGML_AMX_INT8=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+BASE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+# llama.cpp's option for each instruction set, by the flag /proc/cpuinfo lists for it
+ISA_OPTIONS = {"avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "avx512f": "GGML_AVX512",
+               "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def cmake_flags(cpu: set[str] | None = None) -> list[str]:
+    """The build's options: each instruction set named on where this CPU has it (a binary built for
+    AVX-512 dies with SIGILL on a CPU without it), AMX always off."""
+    cpu = cpu_flags() if cpu is None else cpu
+    return BASE_FLAGS + [f"-D{option}={'ON' if flag in cpu else 'OFF'}" for flag, option in ISA_OPTIONS.items()]
 
 
 def cache_root() -> Path:
@@ -102,8 +119,9 @@ def build(jobs: int | None = None) -> Path:
                       "-d", tmp, f"llama-cpp-python=={VERSION}"], root / "download.log")
                 extract_vendored(next(Path(tmp).glob("llama_cpp_python-*.tar.gz")), Path(tmp) / "llama.cpp")
                 os.replace(Path(tmp) / "llama.cpp", source)
-        print(f"llama.cpp: configuring in {source / 'build'} (AVX2/AVX-512 named, AMX off)", file=sys.stderr)
-        _run(["cmake", "-B", "build", *CMAKE_FLAGS], source / "cmake.log", cwd=source)
+        print(f"llama.cpp: configuring in {source / 'build'} (this CPU's instruction sets named, AMX off)",
+              file=sys.stderr)
+        _run(["cmake", "-B", "build", *cmake_flags()], source / "cmake.log", cwd=source)
         _run(["cmake", "--build", "build", "-j", str(jobs or os.cpu_count() or 2), "--target", *TOOLS],
              source / "build.log", cwd=source, progress="llama.cpp: building llama-server and llama-bench")
     return source / "build" / "bin"

@@ -73,3 +73,10 @@ def test_the_vendored_sources_are_extracted_alone(tmp_path):
         pass
     with pytest.raises(SystemExit, match="holds no"):
         llama_cpp_tools.extract_vendored(empty, tmp_path / "none")
+
+
+def test_the_build_names_only_the_instruction_sets_the_cpu_has():
+    avx2_only = llama_cpp_tools.cmake_flags({"avx2", "fma", "f16c", "amx_tile", "amx_int8"})
+    assert {"-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VNNI=OFF",
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_NATIVE=OFF"} <= set(avx2_only)
+    assert "-DGGML_AVX512=ON" in llama_cpp_tools.cmake_flags({"avx2", "avx512f"})
