@@ -209,24 +209,34 @@ class Forwarder:
                    prompt_tokens: int, max_tokens: int, request_id: str | None, stream: bool,
                    include_usage: bool, tokenizer, arrived: float, *, zhipu: bool) -> Response:
         """Reserve, forward, settle: the answer to a chat or completion request."""
-        reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
         # The upstream sees every tenant under one key: the salt keeps cached prefixes per account
         # (on an openglm worker, on vLLM; other servers ignore it).
         upstream["cache_salt"] = cache_scope(key, upstream.get("cache_salt"))
-        head["id"] = f"{head.pop('id_prefix')}{reservation.request_id}"
-        if zhipu:
-            head["request_id"] = request_id or reservation.request_id
         if not stream:
+            reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
+            self._name(head, reservation, request_id, zhipu)
             answer, headers = await self._whole(request, key, billing, reservation, path, upstream, model, head,
                                                 tokenizer, arrived)
             return Response(json.dumps(answer, ensure_ascii=False), media_type="application/json", headers=headers)
         upstream["stream_options"] = {**(upstream.get("stream_options") or {}), "include_usage": True}
+        # A read (no lock, no write): a request that reserve would refuse costs the upstreams nothing.
+        await billing.check(key, request_id, prompt_tokens, max_tokens)
         chunks = self.pool.stream(path, upstream, model)
         events = chunks.__aiter__()
+        # The upstream starts on its prompt while the reservation's transaction runs: the first token
+        # waits for the longer of the two, not their sum. Nothing reaches the client before both.
+        pending = asyncio.ensure_future(anext(events))  # retried inside until an upstream sends a token
+        try:
+            reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
+        except BaseException:
+            await asyncio.shield(_closed(pending, events))  # refused: the upstream stops at once
+            raise
+        self._name(head, reservation, request_id, zhipu)
         try:
             headers = await billing.rate_limit_headers(key)
-            first = await anext(events)  # retried inside until an upstream sends a token: errors are ours still
+            first = await pending
         except BaseException as e:
+            await asyncio.shield(_closed(pending, events))
             await asyncio.shield(billing.release(reservation))
             if isinstance(e, UpstreamError):
                 raise _error(e) from None
@@ -239,6 +249,13 @@ class Forwarder:
             self._relay(chunks, events, first, billing, reservation, head, include_usage, tokenizer, arrived,
                         request.url.path),
             media_type="text/event-stream", headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    @staticmethod
+    def _name(head: dict, reservation, request_id: str | None, zhipu: bool) -> None:
+        """The answer's id (and Zhipu's request_id): the reservation's."""
+        head["id"] = f"{head.pop('id_prefix')}{reservation.request_id}"
+        if zhipu:
+            head["request_id"] = request_id or reservation.request_id
 
     async def _whole(self, request: Request | None, key, billing: Billing, reservation, path: str, upstream: dict,
                      model: str, head: dict, tokenizer, arrived: float) -> tuple[dict, dict[str, str]]:
@@ -358,6 +375,14 @@ class Forwarder:
     def close(self) -> None:
         for billing in self.billings.values():
             billing.close()
+
+
+async def _closed(first: asyncio.Future, events) -> None:
+    """Cancel the upstream request that ``first`` runs, if it still runs (its connection closes, and
+    the upstream stops generating), and close its stream."""
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await events.aclose()
 
 
 def _our_tokenizer(model: str):
