@@ -3,7 +3,9 @@
 The gateway (``openglm serve --upstream URL ...``) has no model of its own. Each request is checked
 as the embedded server checks it (key, model, chat size, limits and balance), reserved at its worst
 case, forwarded to an upstream through the pool (``openglm.serve.upstream``), and settled with the
-upstream's ``usage``. The request sent upstream is the client's own body, with
+upstream's ``usage``. A stream's upstream request starts while its reservation is taken (after a
+read-only check at its full size, so that a key refused costs the upstreams nothing): the client gets
+nothing until the reservation exists, and a refused one cancels the upstream request. The request sent upstream is the client's own body, with
 ``stream_options.include_usage`` asked for (and dropped again from the answer if the client did not
 ask), and Zhipu's fields turned into OpenAI's.
 
