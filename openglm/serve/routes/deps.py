@@ -14,6 +14,11 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
+async def _services(request: Request) -> Services:
+    # async: FastAPI runs a plain function dependency on a worker thread, a hop on every request
+    return services(request)
+
+
 async def api_key(request: Request):
     """The caller's key, checked now."""
     return await services(request).auth.key(request)
@@ -29,7 +34,7 @@ async def admin(request: Request):
     return await services(request).auth.admin(request)
 
 
-Svc = Annotated[Services, Depends(services)]
+Svc = Annotated[Services, Depends(_services)]
 Key = Annotated[KeyInfo, Depends(api_key)]
 BilledKey = Annotated[KeyInfo, Depends(billed_key)]
 ADMIN = Depends(admin)
