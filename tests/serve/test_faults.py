@@ -34,9 +34,12 @@ def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path,
                  app_options={"public_metrics": True}) as (server, store, secret, aid):
         auth = {"Authorization": f"Bearer {secret}"}
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "temperature": 0}
-        started = time.monotonic()
-        full = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=120).json()["usage"]
-        whole = time.monotonic() - started
+        durations = []
+        for _ in range(2):  # the faster of two: a slow first run would put the timeout below past the end
+            started = time.monotonic()
+            full = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=120).json()["usage"]
+            durations.append(time.monotonic() - started)
+        whole = min(durations)
         before = store.ledger_totals(aid)
         generated = metric(server.url, "openglm_generation_tokens_total")
         received = 0
@@ -56,7 +59,7 @@ def test_client_disconnect_bills_the_tokens_generated(tiny_checkpoint, tmp_path,
         # A non-streamed request whose client gives up is stopped and billed the same way.
         before = store.ledger_totals(aid)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=whole / 3)  # mid-generation
+            httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=whole / 4)  # mid-generation
         wait_settled(store, aid)
         assert 0 < store.ledger_totals(aid)["completion_tokens"] - before["completion_tokens"] < full["completion_tokens"]
         assert store.get_account(aid).reserved == 0
