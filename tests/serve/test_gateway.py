@@ -424,10 +424,11 @@ async def one_client(client, i: int, events: dict) -> tuple[str, dict | None]:
 
 
 @pytest.mark.slow
-def test_gateway_over_two_workers_survives_a_kill_9_mid_load(tiny_checkpoint, tmp_path):
+def test_gateway_over_two_workers_and_a_llama_server_survives_a_kill_9_mid_load(tiny_checkpoint, tmp_path):
     from openai import AsyncOpenAI
     from openglm.serve.store import Store
 
+    llama, llama_url = start_llama_server(tiny_checkpoint, tmp_path, slots=8, context=4096)
     db = f"sqlite:///{tmp_path / 'gw.db'}"
     store = Store(db)
     store.set_price("tiny", 1_000_000, 2_000_000)
@@ -436,8 +437,8 @@ def test_gateway_over_two_workers_survives_a_kill_9_mid_load(tiny_checkpoint, tm
     gateway = None
     try:
         a.wait_healthy(), b.wait_healthy()
-        gateway = Process("serve", "--upstream", a.url, "--upstream", b.url, "--upstream-key", WORKER_KEY,
-                          "--db", db, "--admin-key", ADMIN_KEY).wait_healthy()
+        gateway = Process("serve", "--upstream", a.url, "--upstream", b.url, "--upstream", llama_url,
+                          "--upstream-key", WORKER_KEY, "--db", db, "--admin-key", ADMIN_KEY).wait_healthy()
         admin = {"authorization": f"Bearer {ADMIN_KEY}"}
 
         def upstreams() -> dict:
@@ -448,16 +449,24 @@ def test_gateway_over_two_workers_survives_a_kill_9_mid_load(tiny_checkpoint, tm
             async with AsyncOpenAI(base_url=gateway.url + "/v1", api_key=secret, max_retries=0, timeout=60) as c:
                 return await asyncio.gather(*(one_client(c, i, events) for i in range(n)))
 
-        during = asyncio.run(load(32, kill=a.kill))
+        killed_with = []
+
+        def kill():
+            killed_with.append(upstreams()[a.url]["in_flight"])
+            a.kill()
+
+        during = asyncio.run(load(32, kill=kill))
         assert a.proc.poll() is not None, "worker a was never killed: the load ended before 40 tokens streamed"
+        assert killed_with[0] > 0, "worker a was killed with no request of the load on it"
         errors = [outcome for outcome, _ in during if outcome != "ok"]
         # Streams that were sending on worker a when it died end with an error event; every other
-        # request (whole ones, streams that had sent nothing yet) was retried on worker b.
-        assert errors and all("upstream failed mid-stream" in e for e in errors), errors
+        # request (whole ones, streams that had sent nothing yet) was retried on worker b or llama-server.
+        assert all("upstream failed mid-stream" in e for e in errors), errors
         assert len(errors) < 32
         after = asyncio.run(load(16))
-        assert [outcome for outcome, _ in after] == ["ok"] * 16  # all on the survivor
+        assert [outcome for outcome, _ in after] == ["ok"] * 16  # all on the survivors
         assert not upstreams()[a.url]["healthy"]
+        assert all(upstreams()[url]["requests"] > 0 for url in (b.url, llama_url))
         wait_settled(store)
         received = [usage for _, usage in during + after if usage is not None]
         assert len(received) == 48  # cut streams too got the usage billed before their error event
@@ -478,6 +487,8 @@ def test_gateway_over_two_workers_survives_a_kill_9_mid_load(tiny_checkpoint, tm
         for process in (gateway, a, b):
             if process is not None:
                 process.stop()
+        llama.terminate()
+        llama.wait(30)
         store.close()
 
 
@@ -595,15 +606,14 @@ def llama_server() -> str | None:
     return built[-1] if built else None
 
 
-@pytest.mark.slow
-def test_gateway_over_a_worker_and_a_llama_server(tiny_checkpoint, tmp_path):
+def start_llama_server(checkpoint, tmp_path, slots: int = 4, context: int = 1024):
+    """(process, url) of llama.cpp's ``llama-server`` on ``checkpoint`` exported to GGUF, healthy, behind
+    the worker key; skips (fails under ``OPENGLM_REQUIRE_LLAMA_SERVER=1``, as in CI) where none is built."""
     import os
     import subprocess
     import sys
 
     from live_server import free_port
-    from openai import AsyncOpenAI
-    from openglm.serve.store import Store
 
     binary = llama_server()
     if binary is None:
@@ -613,26 +623,36 @@ def test_gateway_over_a_worker_and_a_llama_server(tiny_checkpoint, tmp_path):
             pytest.fail(message + ", and OPENGLM_REQUIRE_LLAMA_SERVER=1")
         pytest.skip(message)
     gguf = tmp_path / "tiny.gguf"
-    subprocess.run([sys.executable, "-m", "openglm", "convert", str(tiny_checkpoint), "--to", "gguf", "--gguf-type",
+    subprocess.run([sys.executable, "-m", "openglm", "convert", str(checkpoint), "--to", "gguf", "--gguf-type",
                     "f32", "-o", str(gguf)], check=True, capture_output=True)
     port = free_port()
     llama = subprocess.Popen([binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--alias", "tiny",
-                              "-t", "1", "-np", "4", "-c", "1024", "--api-key", WORKER_KEY],
+                              "-t", "1", "-np", str(slots), "-c", str(context), "--api-key", WORKER_KEY],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if llama.poll() is not None or time.monotonic() > deadline:
+            llama.kill()
+            pytest.fail("llama-server did not start")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return llama, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_gateway_over_a_worker_and_a_llama_server(tiny_checkpoint, tmp_path):
+    from openai import AsyncOpenAI
+    from openglm.serve.store import Store
+
+    llama, llama_url = start_llama_server(tiny_checkpoint, tmp_path)
     store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
     store.set_price("tiny", 1_000_000, 2_000_000)
     account, secret = new_key(store)
-    llama_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert llama.poll() is None and time.monotonic() < deadline, "llama-server did not start"
-            try:
-                if httpx.get(llama_url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         with LiveServer(worker_app(tiny_checkpoint)) as worker, \
                 LiveServer(gateway_app([llama_url, worker.url], store)) as gw:
 
