@@ -3,9 +3,7 @@
 The gateway (``openglm serve --upstream URL ...``) has no model of its own. Each request is checked
 as the embedded server checks it (key, model, chat size, limits and balance), reserved at its worst
 case, forwarded to an upstream through the pool (``openglm.serve.upstream``), and settled with the
-upstream's ``usage``. A stream's upstream request starts while its reservation is taken (after a
-read-only check at its full size, so that a key refused costs the upstreams nothing): the client gets
-nothing until the reservation exists, and a refused one cancels the upstream request. The request sent upstream is the client's own body, with
+upstream's ``usage``. The request sent upstream is the client's own body, with
 ``stream_options.include_usage`` asked for (and dropped again from the answer if the client did not
 ask), and Zhipu's fields turned into OpenAI's.
 
@@ -211,34 +209,24 @@ class Forwarder:
                    prompt_tokens: int, max_tokens: int, request_id: str | None, stream: bool,
                    include_usage: bool, tokenizer, arrived: float, *, zhipu: bool) -> Response:
         """Reserve, forward, settle: the answer to a chat or completion request."""
+        reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
         # The upstream sees every tenant under one key: the salt keeps cached prefixes per account
         # (on an openglm worker, on vLLM; other servers ignore it).
         upstream["cache_salt"] = cache_scope(key, upstream.get("cache_salt"))
+        head["id"] = f"{head.pop('id_prefix')}{reservation.request_id}"
+        if zhipu:
+            head["request_id"] = request_id or reservation.request_id
         if not stream:
-            reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
-            self._name(head, reservation, request_id, zhipu)
             answer, headers = await self._whole(request, key, billing, reservation, path, upstream, model, head,
                                                 tokenizer, arrived)
             return Response(json.dumps(answer, ensure_ascii=False), media_type="application/json", headers=headers)
         upstream["stream_options"] = {**(upstream.get("stream_options") or {}), "include_usage": True}
-        # A read (no lock, no write): a request that reserve would refuse costs the upstreams nothing.
-        await billing.check(key, request_id, prompt_tokens, max_tokens)
         chunks = self.pool.stream(path, upstream, model)
         events = chunks.__aiter__()
-        # The upstream starts on its prompt while the reservation's transaction runs: the first token
-        # waits for the longer of the two, not their sum. Nothing reaches the client before both.
-        pending = asyncio.ensure_future(anext(events))  # retried inside until an upstream sends a token
-        try:
-            reservation = await billing.reserve(key, request_id, prompt_tokens, max_tokens, stream)
-        except BaseException:
-            await asyncio.shield(_closed(pending, events))  # refused: the upstream stops at once
-            raise
-        self._name(head, reservation, request_id, zhipu)
         try:
             headers = await billing.rate_limit_headers(key)
-            first = await pending
+            first = await anext(events)  # retried inside until an upstream sends a token: errors are ours still
         except BaseException as e:
-            await asyncio.shield(_closed(pending, events))
             await asyncio.shield(billing.release(reservation))
             if isinstance(e, UpstreamError):
                 raise _error(e) from None
@@ -251,13 +239,6 @@ class Forwarder:
             self._relay(chunks, events, first, billing, reservation, head, include_usage, tokenizer, arrived,
                         request.url.path),
             media_type="text/event-stream", headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
-
-    @staticmethod
-    def _name(head: dict, reservation, request_id: str | None, zhipu: bool) -> None:
-        """The answer's id (and Zhipu's request_id): the reservation's."""
-        head["id"] = f"{head.pop('id_prefix')}{reservation.request_id}"
-        if zhipu:
-            head["request_id"] = request_id or reservation.request_id
 
     async def _whole(self, request: Request | None, key, billing: Billing, reservation, path: str, upstream: dict,
                      model: str, head: dict, tokenizer, arrived: float) -> tuple[dict, dict[str, str]]:
@@ -377,14 +358,6 @@ class Forwarder:
     def close(self) -> None:
         for billing in self.billings.values():
             billing.close()
-
-
-async def _closed(first: asyncio.Future, events) -> None:
-    """Cancel the upstream request that ``first`` runs, if it still runs (its connection closes, and
-    the upstream stops generating), and close its stream."""
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    await events.aclose()
 
 
 def _our_tokenizer(model: str):
