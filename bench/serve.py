@@ -73,25 +73,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """``openglm serve`` in a subprocess; ``key`` is the demo key it prints."""
+class Process:
+    """An ``openglm`` command in a subprocess on a free port, healthy; ``key``: the API key it printed, if any."""
 
-    def __init__(self, model: str, max_batch_size: int, workdir: str, threads: int, extra: list[str] = ()):
+    def __init__(self, *args: str, expect_key: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        db = f"sqlite:///{workdir}/bs{max_batch_size}.db"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openglm", "serve", "--model", model, "--served-model-name", "bench",
-             "--port", str(self.port), "--db", db, "--max-batch-size", str(max_batch_size), "--threads", str(threads),
-             "--log-level", "warning", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "openglm", *args, "--port", str(self.port),
+                                      "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
         self.key = None
-        for line in self.proc.stdout:
-            if m := re.match(r"API key: (\S+)", line):
-                self.key = m.group(1)
-                break
-        if self.key is None:
-            raise SystemExit(f"openglm serve printed no API key (exit code {self.proc.wait()})")
+        if expect_key:
+            for line in self.proc.stdout:
+                if m := re.match(r"API key: (\S+)", line):
+                    self.key = m.group(1)
+                    break
+            if self.key is None:
+                raise SystemExit(f"openglm {args[0]} printed no API key (exit code {self.proc.wait()})")
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -100,12 +98,19 @@ class Server:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("openglm serve did not become healthy")
+                raise SystemExit(f"openglm {args[0]} did not become healthy")
             time.sleep(0.2)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def Server(model: str, max_batch_size: int, workdir: str, threads: int, extra: list[str] = ()) -> Process:
+    """``openglm serve`` on ``model`` (served as ``bench``) with a fresh SQLite database; ``key``: its demo key."""
+    return Process("serve", "--model", model, "--served-model-name", "bench",
+                   "--db", f"sqlite:///{workdir}/bs{max_batch_size}.db", "--max-batch-size", str(max_batch_size),
+                   "--threads", str(threads), *extra, expect_key=True)
 
 
 @dataclass
@@ -349,39 +354,6 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------------------------- --upstreams N
-
-class Process:
-    """An ``openglm`` command in a subprocess on a free port, healthy; ``key``: the API key it printed, if any."""
-
-    def __init__(self, *args: str, expect_key: bool = False):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "openglm", *args, "--port", str(self.port),
-                                      "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.key = None
-        if expect_key:
-            for line in self.proc.stdout:
-                if m := re.match(r"API key: (\S+)", line):
-                    self.key = m.group(1)
-                    break
-            if self.key is None:
-                raise SystemExit(f"openglm {args[0]} printed no API key (exit code {self.proc.wait()})")
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit(f"openglm {args[0]} did not become healthy")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux's /proc; NaN elsewhere)."""
