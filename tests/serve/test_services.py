@@ -102,7 +102,7 @@ class ReverseBackend:
     def stop(self) -> None:
         pass
 
-    def submit(self, prompt, params, logprobs):
+    def submit(self, prompt, params, logprobs, cache_scope=None):
         self.handles.append(_Reversed(prompt, params.max_new_tokens, self.tokenizer, self.delay))
         return self.handles[-1]
 
