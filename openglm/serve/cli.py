@@ -57,17 +57,11 @@ def cmd_serve(args) -> int:
 
     from ..model.checkpoint import checkpoint_dir
     from .app import attach_model, create_app
-    from .store import Store
 
     source = args.model or DEFAULT_MODEL
     directory = checkpoint_dir(source)  # a bad name fails here, before the server starts
     name = args.served_model_name or directory.name
-    store = Store(args.db)
-    recovered = store.recover()
-    if recovered.settled or recovered.released:
-        print(f"recovered the requests of a server that stopped: {recovered.settled} billed for the "
-              f"{recovered.completion_tokens} tokens they had sent, {recovered.released} released unbilled",
-              file=sys.stderr)
+    store = open_store(args.db)
     secret = store.ensure_demo(name)
     app = create_app(None, store, name, None, admin_key=args.admin_key or os.environ.get("OPENGLM_ADMIN_KEY"),
                      max_body_bytes=args.max_body_bytes, public_metrics=args.public_metrics, docs=args.docs)
@@ -103,6 +97,19 @@ def cmd_serve(args) -> int:
     if failure:
         raise failure[0]
     return 0
+
+
+def open_store(db: str):
+    """The store at ``db``, with the requests of a server that stopped billed or released (and said so)."""
+    from .store import Store
+
+    store = Store(db)
+    recovered = store.recover()
+    if recovered.settled or recovered.released:
+        print(f"recovered the requests of a server that stopped: {recovered.settled} billed for the "
+              f"{recovered.completion_tokens} tokens they had sent, {recovered.released} released unbilled",
+              file=sys.stderr)
+    return store
 
 
 def register(sub) -> None:

@@ -102,8 +102,7 @@ def cmd_gateway(args) -> int:
     import uvicorn
 
     from ..errors import OpenGLMError
-    from .cli import examples
-    from .store import Store
+    from .cli import examples, open_store
 
     if args.model or args.served_model_name:
         raise OpenGLMError("--model and --served-model-name do not go with --upstream: a gateway serves the "
@@ -111,12 +110,7 @@ def cmd_gateway(args) -> int:
     for url in args.upstream:
         if not url.startswith(("http://", "https://")):
             raise OpenGLMError(f"--upstream {url!r}: not an http:// or https:// URL")
-    store = Store(args.db)
-    recovered = store.recover()
-    if recovered.settled or recovered.released:
-        print(f"recovered the requests of a server that stopped: {recovered.settled} billed for the "
-              f"{recovered.completion_tokens} tokens they had sent, {recovered.released} released unbilled",
-              file=sys.stderr)
+    store = open_store(args.db)
     base = f"http://{args.host}:{args.port}"
 
     def on_start(pool: UpstreamPool) -> None:
